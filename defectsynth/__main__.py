@@ -1,0 +1,5 @@
+import sys
+
+from defectsynth.cli import main
+
+sys.exit(main())

@@ -1,0 +1,50 @@
+"""`defectsynth <stage> ...`: one command that dispatches to the stage scripts.
+
+Each stage is a module with `cli(argv)` (parse flags from its run-config dataclass, call
+`main(cfg)`), so `defectsynth concept --help` and `python -m train.concept --help` are the same.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# stage name -> (module, one-line summary). Modules are imported only when their stage runs.
+STAGES: dict[str, tuple[str, str]] = {
+    "run": ("defectsynth.run", "the whole pipeline: concept -> condition -> synthesize -> evaluate"),
+    "import": ("data.importers", "convert a mask-folder or LabelMe dataset to COCO"),
+    "drivers": ("data.drivers_sheet", "write a PNG sheet of image | topological driver pairs"),
+    "demo-data": ("data.demo", "write the procedural demo dataset"),
+    "concept": ("train.concept", "learn the concept: DreamBooth with prior preservation"),
+    "condition": ("train.condition", "learn the condition: train the control copy"),
+    "generate": ("sample.generate", "text-to-image and driver-to-image generation"),
+    "synthesize": ("sample.synthesize", "synthesize the self-annotated (SADF) COCO dataset"),
+    "evaluate": ("eval.paper", "the paper's evaluation tables (FID, Mask R-CNN, diversity)"),
+    "inspect": ("weights.inspect", "inspect a checkpoint file, folder or manifest"),
+    "convert": ("weights.convert", "convert a checkpoint between LDM and diffusers layouts"),
+}
+
+
+def usage() -> str:
+    width = max(len(name) for name in STAGES)
+    lines = ["usage: defectsynth <stage> [options]   (defectsynth <stage> --help for its options)", "",
+             "stages:"]
+    lines += [f"  {name.ljust(width)}  {summary}" for name, (_, summary) in STAGES.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        print(f"defectsynth: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(STAGES[stage][0])
+    result = module.cli(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Samplers (one per file), guidance wrappers around the denoiser, generation and dataset synthesis."""

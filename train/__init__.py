@@ -1,0 +1,2 @@
+"""The two training phases (`train.concept`, `train.condition`) and their small shared helpers.
+Nothing imports train/."""
