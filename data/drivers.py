@@ -1,0 +1,139 @@
+"""The topological driver (paper 4.2): the control image of the condition phase.
+
+    image (H, W, 3) uint8
+      -> downscale by `downscale` (area averaging)          small grey-level structure goes
+      -> grayscale (ITU-R BT.601 weights)
+      -> adaptive threshold (`threshold_method`, `block_size`, `threshold_c`) -> binary {0, 255}
+      -> resize back to (H, W) (`upsample`)
+      -> scale 0..255 to 0..`background_level` (default 50; rounded to integers)
+      -> replicate to RGB and paint every defect mask in its class colour (palette.py), in the
+         order given: later masks cover earlier ones
+      -> divide by 255                                       float32 (3, H, W) in [0, 1]
+
+The same function serves defective and defect-free images, so the two kinds of driver come from
+the same procedure; on a defective image the paint covers the defect pixels themselves. Every
+topology value is <= background_level / 255 and every painted pixel is exactly its class colour
+/ 255 (all palette colours have a channel at 255, so paint and topology never collide).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import cv2
+import numpy as np
+import torch
+
+from .palette import PALETTE, Color
+
+# Instances: None (defect-free), a uint8 (H, W) category-id map, or (mask, category id) pairs.
+Instances = Union[None, np.ndarray, Sequence[tuple[np.ndarray, int]]]
+
+THRESHOLD_METHODS = {"gaussian": cv2.ADAPTIVE_THRESH_GAUSSIAN_C, "mean": cv2.ADAPTIVE_THRESH_MEAN_C}
+UPSAMPLING = {"linear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
+
+
+@dataclass(frozen=True)
+class DriverConfig:
+    """Parameters of the topological driver (defaults are the project's documented defaults)."""
+    downscale: int = 4                   # the threshold runs at (H / downscale, W / downscale)
+    threshold_method: str = "gaussian"   # OpenCV adaptive threshold: "gaussian" or "mean" window
+    block_size: int = 11                 # odd window side, in downscaled pixels
+    threshold_c: float = 2.0             # constant subtracted from the local (weighted) mean
+    background_level: int = 50           # the binary map's 255 becomes this grey level
+    upsample: str = "linear"             # "linear" (soft edges) or "nearest" (binary levels only)
+    palette: tuple[Color, ...] | None = None  # colour per category id (index = id); None = PALETTE
+
+    def __post_init__(self) -> None:
+        if self.downscale < 1:
+            raise ValueError(f"DriverConfig.downscale must be >= 1, got {self.downscale}")
+        if self.threshold_method not in THRESHOLD_METHODS:
+            raise ValueError(f"DriverConfig.threshold_method must be one of {sorted(THRESHOLD_METHODS)}, "
+                             f"got {self.threshold_method!r}")
+        if self.block_size < 3 or self.block_size % 2 == 0:
+            raise ValueError(f"DriverConfig.block_size must be odd and >= 3, got {self.block_size}")
+        if not 0 <= self.background_level <= 255:
+            raise ValueError(f"DriverConfig.background_level must be in 0..255, got {self.background_level}")
+        if self.upsample not in UPSAMPLING:
+            raise ValueError(f"DriverConfig.upsample must be one of {sorted(UPSAMPLING)}, got {self.upsample!r}")
+
+
+def _gray(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"topological driver: expected a uint8 image, got {image.dtype}")
+    if image.ndim == 2:
+        return image
+    if image.ndim == 3 and image.shape[2] == 3:
+        return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    raise ValueError(f"topological driver: expected (H, W, 3) RGB or (H, W) grey, got shape {image.shape}")
+
+
+def topology_map(image: np.ndarray, config: DriverConfig = DriverConfig()) -> np.ndarray:
+    """The grey part of the driver: uint8 (H, W) with values in [0, background_level]."""
+    gray = _gray(image)
+    height, width = gray.shape
+    small_size = (max(1, round(width / config.downscale)), max(1, round(height / config.downscale)))
+    small = cv2.resize(gray, small_size, interpolation=cv2.INTER_AREA) if config.downscale > 1 else gray
+    binary = cv2.adaptiveThreshold(small, 255, THRESHOLD_METHODS[config.threshold_method],
+                                   cv2.THRESH_BINARY, config.block_size, config.threshold_c)
+    if binary.shape != (height, width):
+        binary = cv2.resize(binary, (width, height), interpolation=UPSAMPLING[config.upsample])
+    # 0..255 -> 0..background_level, integer levels so that uint8 and float drivers agree.
+    scaled = np.round(binary.astype(np.float32) * (config.background_level / 255.0))
+    return scaled.astype(np.uint8)
+
+
+def _as_instances(instances: Instances, shape: tuple[int, int]) -> list[tuple[np.ndarray, int]]:
+    if instances is None:
+        return []
+    if isinstance(instances, np.ndarray):
+        if instances.shape != shape:
+            raise ValueError(f"topological driver: label map shape {instances.shape} != image shape {shape}")
+        ids = [int(v) for v in np.unique(instances) if v != 0]
+        return [(instances == cid, cid) for cid in ids]
+    out = []
+    for index, (mask, category_id) in enumerate(instances):
+        mask = np.asarray(mask)
+        if mask.shape != shape:
+            raise ValueError(f"topological driver: mask {index} has shape {mask.shape}, image is {shape}")
+        out.append((mask != 0, int(category_id)))
+    return out
+
+
+def paint_masks(canvas: np.ndarray, instances: Instances, palette: Sequence[Color] | None = None) -> np.ndarray:
+    """Paint masks onto an RGB uint8 (H, W, 3) canvas in place, in the order given (a label map
+    paints one colour per id in increasing id order; its pixels never overlap)."""
+    palette = PALETTE if palette is None else palette
+    for mask, category_id in _as_instances(instances, canvas.shape[:2]):
+        if not 0 < category_id < len(palette):
+            raise ValueError(f"topological driver: category id {category_id} has no palette colour "
+                             f"(palette has ids 1..{len(palette) - 1})")
+        canvas[mask] = palette[category_id]
+    return canvas
+
+
+def render_driver(image: np.ndarray, instances: Instances = None, config: DriverConfig = DriverConfig(),
+                  **overrides) -> np.ndarray:
+    """The driver as uint8 RGB (H, W, 3) (for writing files). `overrides` replace config fields."""
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
+    topology = topology_map(image, config)
+    canvas = np.repeat(topology[:, :, None], 3, axis=2)  # (H, W) -> (H, W, 3)
+    return paint_masks(canvas, instances, config.palette)
+
+
+def driver_to_tensor(driver: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) driver -> float32 (3, H, W) in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(driver)).permute(2, 0, 1).float() / 255.0  # (H, W, 3) -> (3, H, W)
+
+
+def topological_driver(image: np.ndarray, instances: Instances = None,
+                       config: DriverConfig = DriverConfig(), **overrides) -> torch.Tensor:
+    """The driver as float32 (3, H, W) in [0, 1]; see the module docstring for the procedure.
+
+    image: uint8 (H, W, 3) RGB or (H, W) grey. instances: None for a defect-free image, a uint8
+    (H, W) category-id map, or (mask (H, W), category id) pairs painted in order.
+    """
+    return driver_to_tensor(render_driver(image, instances, config, **overrides))
