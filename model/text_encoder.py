@@ -110,7 +110,7 @@ class LayerNorm32(nn.LayerNorm):
 class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the sigmoid approximation of GELU that OpenAI CLIP was trained with.
 
-    It must stay the approximation: swapping in exact GELU shifts SD 1.x outputs noticeably.
+    SD 1.x weights were trained with this approximation, so it is kept rather than exact GELU.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
