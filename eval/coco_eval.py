@@ -18,9 +18,9 @@ import math
 from typing import Any
 
 import numpy as np
-from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from data.coco import to_pycocotools, validate_coco
 
 STAT_NAMES = ("map", "map50", "map75", "map_small", "map_medium", "map_large",
               "mar1", "mar10", "mar100", "mar_small", "mar_medium", "mar_large")
@@ -31,28 +31,9 @@ def _quiet():
     return contextlib.redirect_stdout(io.StringIO())
 
 
-def _ground_truth(gt: dict[str, Any]) -> COCO:
-    """A COCO object of `gt`, with `iscrowd`, `area` and `bbox` filled in where missing."""
-    data = copy.deepcopy(gt)
-    images = {im["id"]: im for im in data["images"]}
-    for ann in data["annotations"]:
-        ann.setdefault("iscrowd", 0)
-        if "area" not in ann or "bbox" not in ann:
-            image = images[ann["image_id"]]
-            segm = ann["segmentation"]
-            if isinstance(segm, list):
-                rle = mask_utils.merge(mask_utils.frPyObjects(segm, image["height"], image["width"]))
-            elif isinstance(segm.get("counts"), list):
-                rle = mask_utils.frPyObjects(segm, image["height"], image["width"])
-            else:
-                rle = segm
-            ann.setdefault("area", float(mask_utils.area(rle)))
-            ann.setdefault("bbox", [float(v) for v in mask_utils.toBbox(rle)])
-    coco = COCO()
-    coco.dataset = data
-    with _quiet():
-        coco.createIndex()
-    return coco
+def _ground_truth(gt: dict[str, Any]):
+    """A pycocotools COCO object of `gt` (validated; `iscrowd`, `area`, `bbox` filled in)."""
+    return to_pycocotools(validate_coco(gt, source="ground truth", check_images=False))
 
 
 def _detections_for(iou_type: str, detections: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -28,8 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data.coco import load_coco
 from data.images import list_images, read_image
-from eval.cocoio import coco_image_paths
 
 INCEPTION_INPUT_SIZE = 299
 
@@ -40,7 +40,7 @@ def image_set_paths(source: str | os.PathLike) -> list[Path]:
     if source.is_dir():
         paths = list_images(source)
     elif source.is_file() and source.suffix.lower() == ".json":
-        paths = coco_image_paths(source)
+        paths = [Path(img["file_name"]) for img in load_coco(source, check_images=False, progress=False)["images"]]
     else:
         raise FileNotFoundError(f"{source}: expected a folder of images or a COCO .json file")
     if not paths:

@@ -6,7 +6,7 @@ import pytest
 from scipy.spatial.distance import directed_hausdorff as scipy_directed_hausdorff
 
 from eval.coco_eval import evaluate_coco
-from eval.cocoio import mask_to_rle
+from data.masks import mask_to_rle
 from eval.instance_metrics import (InstanceAccumulator, directed_hausdorff, hausdorff_distance,
                                    iou_matrix, mask_iou, match_instances, normalized_hausdorff)
 
