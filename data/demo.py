@@ -129,7 +129,9 @@ def generate_defective(rng: np.random.Generator, size: int, classes: tuple[str, 
             class_index = int(rng.integers(len(classes)))
             mask = np.zeros((size, size), np.uint8)
             DRAW[classes[class_index]](mask, rng)
-            if mask.sum() >= 4 and not np.any(occupied & mask):
+            # one 8-connected piece (a walk leaving the frame and coming back would make two)
+            if (mask.sum() >= 4 and not np.any(occupied & mask)
+                    and cv2.connectedComponents(mask, connectivity=8)[0] == 2):
                 occupied |= cv2.dilate(mask, np.ones((5, 5), np.uint8))
                 image = render_defect(image, mask, classes[class_index], rng)
                 instances.append((mask, class_index + 1))

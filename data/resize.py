@@ -1,6 +1,7 @@
 """Resizing to the training/synthesis resolution: scale so the image covers the target, then crop.
-Images use area averaging when shrinking and bilinear when enlarging; masks use nearest neighbour,
-so masks stay aligned with their image and keep their exact category ids."""
+Images use area averaging when shrinking and bilinear when enlarging; masks use pixel-centre
+aligned nearest neighbour (OpenCV's INTER_NEAREST_EXACT: plain INTER_NEAREST is shifted by half a
+pixel), so masks stay aligned with their image and keep their exact category ids."""
 from __future__ import annotations
 
 import math
@@ -48,5 +49,5 @@ def resize_and_crop(image: np.ndarray, size: tuple[int, int], masks: Masks = Non
     if masks is None:
         return out_image, None
     if isinstance(masks, np.ndarray):
-        return out_image, apply(masks, cv2.INTER_NEAREST)
-    return out_image, [apply(np.asarray(m), cv2.INTER_NEAREST) for m in masks]
+        return out_image, apply(masks, cv2.INTER_NEAREST_EXACT)
+    return out_image, [apply(np.asarray(m), cv2.INTER_NEAREST_EXACT) for m in masks]
