@@ -3,8 +3,8 @@
 In memory a dataset is the COCO dict (`images`, `annotations`, `categories`, optional `info`,
 `licenses`) with one difference: every image's `file_name` is an absolute path. `load_coco`
 resolves file names against the image root (the JSON's folder unless given) and `save_coco` writes
-them back relative to the output JSON's folder, so datasets from different folders merge and
-move freely. pycocotools ignores the extra keys used here (`image["source"]` after a merge).
+them back relative to the output JSON's folder when the image lies inside it (absolute otherwise),
+so datasets from different folders merge freely and a self-contained dataset folder can move. pycocotools ignores the extra keys used here (`image["source"]` after a merge).
 
 Validation errors (`CocoError`) name the JSON file and the offending image or annotation.
 """
@@ -183,18 +183,18 @@ def load_coco(path: str | os.PathLike, image_root: str | os.PathLike | None = No
 
 
 def save_coco(data: Coco, path: str | os.PathLike, validate: bool = True) -> None:
-    """Write `data` atomically, file names relative to the JSON's folder (absolute when no relative
-    path exists, e.g. another drive). Validates first (without decoding images) so an invalid
-    dataset never reaches the disk."""
+    """Write `data` atomically. File names of images inside the JSON's folder (at any depth) are
+    stored relative to it, so a self-contained dataset folder can move; other images keep their
+    absolute path. Validates first (without decoding images) so an invalid dataset never
+    reaches the disk."""
     path = Path(path).resolve()
     if validate:
         validate_coco(data, source=str(path), check_images=False)
     out = copy.deepcopy(data)
     for img in out["images"]:
-        try:
-            img["file_name"] = Path(os.path.relpath(img["file_name"], path.parent)).as_posix()
-        except ValueError:
-            pass
+        name = Path(img["file_name"])
+        if name.is_absolute() and name.is_relative_to(path.parent):
+            img["file_name"] = name.relative_to(path.parent).as_posix()
     write_json_atomic(path, out)
 
 

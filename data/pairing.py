@@ -111,6 +111,16 @@ class SadfPairs:
         # Consecutive pairs share a free image (its variants): keep the last few decoded.
         self._free_image = functools.lru_cache(maxsize=8)(self._load_free_image)
 
+    def __getstate__(self) -> dict:
+        # DataLoader workers pickle the builder: the image cache stays behind.
+        state = self.__dict__.copy()
+        del state["_free_image"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._free_image = functools.lru_cache(maxsize=8)(self._load_free_image)
+
     def __len__(self) -> int:
         return len(self.free_images) * max(self.config.variants, 1)
 

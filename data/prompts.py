@@ -9,8 +9,9 @@ phase and the SADF pairs use the paper's template "an image of a [V] with a [cla
 
 With several classes, the distinct class names are listed once each, in increasing category id
 order, joined as "a and b" or "a, b and c"; the paper's "... crack" suffix would read "a blowhole
-and break crack", so a separate template says "defect" instead. All four templates and the
-identifier token are parameters.
+and break crack", so a separate template says "defect" instead. A class name that already ends
+with the word following {classes} is not doubled: class "crack" gives "... with a crack", not
+"... with a crack crack". All four templates and the identifier token are parameters.
 """
 from __future__ import annotations
 
@@ -44,7 +45,12 @@ def make_prompt(class_names: Sequence[str], config: PromptConfig = PromptConfig(
     if not unique:
         return config.empty_template.format(token=config.token, classes="")
     template = config.template if len(unique) == 1 else config.multi_template
-    return template.format(token=config.token, classes=join_names(unique))
+    classes = join_names(unique)
+    head, sep, tail = template.partition("{classes}")
+    next_word = tail.split()[0] if sep and tail.startswith(" ") and tail.split() else None
+    if next_word and classes.split()[-1] == next_word:
+        template = head + "{classes}" + tail[len(" " + next_word):]
+    return template.format(token=config.token, classes=classes)
 
 
 def prompt_for_categories(category_ids: Sequence[int], names: dict[int, str],

@@ -1,5 +1,6 @@
 """data.augment, data.perturb, data.pairing, data.prompts: seeded, aligned, valid."""
 import json
+import pickle
 
 import cv2
 import numpy as np
@@ -79,6 +80,8 @@ def test_prompts():
     assert make_prompt(["blowhole"]) == "an image of a sks with a blowhole crack"
     assert make_prompt(["blowhole", "crack", "blowhole"]) == "an image of a sks with a blowhole and crack defect"
     assert make_prompt(["a", "b", "c"]) == "an image of a sks with a a, b and c defect"
+    assert make_prompt(["crack"]) == "an image of a sks with a crack"  # not "crack crack"
+    assert make_prompt(["blowhole", "crack"]) == "an image of a sks with a blowhole and crack defect"
     custom = PromptConfig(token="zwx", template="photo of {token} showing {classes}")
     assert make_prompt(["fray"], custom) == "photo of zwx showing fray"
 
@@ -135,6 +138,8 @@ def test_pairs_are_seeded_valid_and_rebuildable(datasets):
         anns = pair.annotations(image_id=5, first_annotation_id=10)
         assert [a["id"] for a in anns] == list(range(10, 10 + len(anns)))
         assert all(a["area"] == m.sum() for a, (m, _) in zip(anns, pair.instances))
+    copied = pickle.loads(pickle.dumps(pairs))  # DataLoader workers get a pickled builder
+    assert torch.equal(copied.build(4).driver, built[4].driver)
     assert [p.variant for p in built] == [0, 1, 2, 0, 1, 2]
     assert not np.array_equal(built[0].image, built[1].image)
     other = SadfPairs(free, annotated, config, seed=8).build(0)
@@ -149,7 +154,7 @@ def test_instances_mode_and_category_filter(datasets):
     for pair in pairs:
         assert pair.image.shape == (80, 96, 3) and pair.variant == -1
         assert {c for _, c in pair.instances} == {1} and 1 <= len(pair.instances) <= 2
-        assert pair.prompt == "an image of a sks with a crack crack"
+        assert pair.prompt == "an image of a sks with a crack"
     with pytest.raises(ValueError, match="multiples of 64"):
         PairingConfig(resolution=100)
 

@@ -80,10 +80,13 @@ def test_round_trip_through_pycocotools_is_pixel_exact(tmp_path):
     coco["annotations"].append({"id": 99, "image_id": 1, "category_id": 1, "segmentation": mask_to_polygons(line),
                                 "iscrowd": 0})
     masks[99] = line
+    save_coco(coco, tmp_path / "coco.json")
+    raw = json.loads((tmp_path / "coco.json").read_text())
+    assert raw["images"][0]["file_name"] == "img0.png"  # inside the JSON's folder: relative
     save_coco(coco, tmp_path / "sub" / "coco.json")
     raw = json.loads((tmp_path / "sub" / "coco.json").read_text())
-    assert raw["images"][0]["file_name"] == "../img0.png"  # stored relative to the JSON
-    loaded = load_coco(tmp_path / "sub" / "coco.json", progress=False)
+    assert raw["images"][0]["file_name"] == str((tmp_path / "img0.png").resolve())  # outside: absolute
+    loaded = load_coco(tmp_path / "coco.json", progress=False)
     assert loaded["images"][0]["file_name"] == str((tmp_path / "img0.png").resolve())
     api = to_pycocotools(loaded)
     for ann in api.loadAnns(api.getAnnIds()):
