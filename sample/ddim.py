@@ -40,11 +40,14 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule,
     Returns x_0 latents (B, C, h, w), same dtype and device as x.
     """
     ts = check_timesteps(timesteps, schedule.num_train_timesteps)
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1] (0 = DDIM, 1 = DDPM variance), got {eta}")
     alphas_cumprod = schedule.alphas_cumprod  # float64, coefficients stay float64 until they meet x
     for i, t in enumerate(tqdm(ts, desc="DDIM", disable=not progress)):
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         eps = denoiser(x, t_batch)
         ab_t = alphas_cumprod[t].item()
+        # After the last step the chain ends at alpha_bar_0, not at 1 (set_alpha_to_one=False).
         ab_prev = alphas_cumprod[ts[i + 1] if i + 1 < len(ts) else 0].item()
         x0_hat = schedule.predict_x0(x, t_batch, eps)
         sigma = eta * math.sqrt((1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev))  # eq. 16

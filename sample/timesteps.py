@@ -4,14 +4,18 @@ Every function returns a descending list of ints in [0, num_train_timesteps), th
 walks them. The three sampler files take such a list, so any spacing works with any sampler; the
 defaults below are the ones each reference pairs with its sampler for SD.
 
-| function              | spacing                                  | reference                                    |
-|-----------------------|------------------------------------------|----------------------------------------------|
-| ddim_timesteps(S)     | "leading", offset 1: k * (T // S) + 1    | LDM `make_ddim_timesteps("uniform")`; diffusers DDIMScheduler(timestep_spacing="leading", steps_offset=1) |
-| ddpm_timesteps(S)     | "leading", offset 0: k * (T // S)        | diffusers DDPMScheduler defaults; S = T is the full chain 999..0 |
-| dpm_solver_timesteps(S)| "linspace": round(linspace(0, T-1, S+1))[1:] | diffusers DPMSolverMultistepScheduler default (SD configs set no timestep_spacing, so it is "linspace") |
+| function                | spacing                                         | reference                    |
+|-------------------------|-------------------------------------------------|------------------------------|
+| ddim_timesteps(S)       | "leading", offset 1: k * (T // S) + 1           | LDM "uniform" DDIM; diffusers DDIMScheduler, leading, steps_offset=1 |
+| ddpm_timesteps(S)       | "leading", offset 0: k * (T // S); S = T: 999..0 | diffusers DDPMScheduler defaults |
+| dpm_solver_timesteps(S) | "linspace": round(linspace(0, T-1, S+1))[1:]    | diffusers DPMSolverMultistepScheduler default |
+
+A DPMSolverMultistepScheduler built from an SD 1.x / 2.x scheduler config, which has no
+timestep_spacing key (those configs predate it), gets its own default, "linspace" (which ignores
+steps_offset); that is the one matched here.
 
 LDM's own "uniform" DDIM spacing is range(0, T, T // S) + 1, which has more than S entries when S
-does not divide T (S = 30 gives 34 steps); diffusers keeps exactly S (k < S). We follow diffusers;
+does not divide T (S = 30 gives 31 steps); diffusers keeps exactly S (k < S). We follow diffusers;
 for S dividing T (10, 20, 25, 50, 100, ...) the two are identical.
 """
 from __future__ import annotations

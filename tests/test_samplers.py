@@ -262,3 +262,23 @@ def test_exact_predictor_recovers_the_data_distribution(prediction_type, sampler
 def test_progress_bar_runs():
     out = sample_ddim(dummy_model("epsilon"), x_T(), SCHEDULE, ddim_timesteps(3), progress=True)
     assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
+
+
+def test_ddim_rejects_eta_outside_0_1():
+    with pytest.raises(ValueError, match="eta"):
+        sample_ddim(dummy_model("epsilon"), x_T(), SCHEDULE, ddim_timesteps(3), eta=1.5)
+
+
+@pytest.mark.parametrize("sampler,timesteps", [(sample_ddpm, ddpm_timesteps(10)), (sample_ddim, ddim_timesteps(10)),
+                                               (sample_dpm_solver, dpm_solver_timesteps(10))])
+def test_samplers_keep_the_dtype_of_x_and_noise_is_precision_independent(sampler, timesteps):
+    model = dummy_model("epsilon")
+
+    def bf16_model(x, t):  # stands in for a bfloat16 UNet
+        return model(x.float(), t).to(x.dtype)
+
+    out32 = sampler(model, x_T(), SCHEDULE, timesteps, generators=generators_from_seeds(SEEDS))
+    out16 = sampler(bf16_model, x_T().bfloat16(), SCHEDULE, timesteps, generators=generators_from_seeds(SEEDS))
+    assert out16.dtype == torch.bfloat16
+    # The same seeds give the same sample up to bfloat16 rounding (noise is drawn in float32, then cast).
+    assert (out16.float() - out32).abs().max().item() < 0.1
