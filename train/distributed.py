@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -133,3 +133,13 @@ def assert_replicas_identical(params: list[torch.Tensor], device: torch.device) 
             bad = (gathered[0] != other).any(dim=1).nonzero().flatten().tolist()
             raise RuntimeError(f"data-parallel replicas diverged: rank {rank} differs from rank 0 "
                                f"in trainable tensors {bad[:10]}")
+
+
+@contextlib.contextmanager
+def distributed_session(device: str = "auto") -> Iterator[DistInfo]:
+    """`setup_distributed` for the duration of a run; the process group is destroyed on the way
+    out, also after an error."""
+    try:
+        yield setup_distributed(device)
+    finally:
+        cleanup_distributed()

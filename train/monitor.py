@@ -21,7 +21,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 def check_finite(step: int, terms: dict[str, float]) -> None:
-    """Stop the run if any loss term is NaN/inf. `step` is the optimizer step being computed."""
+    """Stop the run if any loss term is NaN/inf. `step`: the optimizer step being computed,
+    counted from 1 as in the logs and checkpoint names."""
     if not all(math.isfinite(v) for v in terms.values()):
         detail = ", ".join(f"{k}={v:.6g}" for k, v in terms.items())
         raise NonFiniteLossError(

@@ -1,0 +1,547 @@
+"""Learn the concept (paper 4.1): DreamBooth fine-tuning with class-specific prior preservation.
+
+    python -m train.concept --ckpt v1-5-pruned-emaonly.safetensors --data runs/demo --out runs/concept
+    python -m train.concept --preset tiny --random-weights --data runs/demo --out runs/tiny --steps 20
+    torchrun --nproc_per_node 2 -m train.concept ...            # data parallel, rank 0 writes
+
+1. Class images: the frozen base model draws `--num-class-images` images of
+   "an image of a <class noun>" (DDPM ancestral sampler by default), one PNG per index under
+   OUT/class_images, each from the seed (run seed, index); a rerun draws only the missing ones.
+2. Training: every micro-batch holds `--batch-size` instance images (the annotated defect images,
+   prompt "an image of a sks") followed by as many class images (the class prompt);
+   loss = MSE(instance half) + prior_loss_weight * MSE(class half), each half its own mean.
+3. Output: OUT/concept.safetensors (LDM single file, via weights.save_ldm), optionally a diffusers
+   folder and the EMA weights; checkpoints under OUT/checkpoints (see train/checkpoint.py),
+   metrics in OUT/metrics.jsonl, sample grids in OUT/samples.
+
+Randomness is explicit: data order from two seeded index streams, and every latent sample,
+timestep and noise tensor from one generator per rank; their states are in each checkpoint, so
+`--resume latest` continues bit for bit.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from data.coco import load_coco
+from data.datasets import ConceptDataset
+from data.files import write_image_atomic
+from data.images import tensor_to_image
+from data.seeding import derive_seed
+from defectsynth.runconfig import config_from_args, config_to_dict, parser_from_dataclass, save_config_json
+from model.stable_diffusion import PRESETS, StableDiffusion, preset
+from sample.ddim import sample_ddim
+from sample.ddpm import sample_ddpm
+from sample.dpm_solver import sample_dpm_solver
+from sample.guidance import ClassifierFreeGuidance, as_eps_denoiser
+from sample.noise import generators_from_seeds, randn_per_sample
+from sample.timesteps import ddim_timesteps, ddpm_timesteps, dpm_solver_timesteps
+from weights.load import load_pipeline
+from weights.save import save_diffusers, save_ldm
+from train.checkpoint import (capture_rng_state, checkpoint_name, load_checkpoint, resolve_resume, restore_rng_state,
+                              save_checkpoint)
+from train.data_order import IndexStream
+from train.diffusion import diffusion_target, encode_posterior, sample_latents, sample_noise, sample_timesteps
+from train.distributed import (DistInfo, all_reduce_mean, any_rank, assert_replicas_identical, barrier,
+                               distributed_session, gather_objects, grad_sync, wrap_ddp)
+from train.ema import EMA
+from train.monitor import MetricsLog, StopSignal, check_finite, progress_bar, save_image_grid
+from train.optim import LR_SCHEDULES, build_adamw, lr_multiplier, optimizer_step, param_group
+from train.precision import PRECISIONS, autocast, make_grad_scaler, precision_dtype
+
+SAMPLERS = {"ddpm": (sample_ddpm, ddpm_timesteps), "ddim": (sample_ddim, ddim_timesteps),
+            "dpmpp": (sample_dpm_solver, dpm_solver_timesteps)}
+# Fields that may change between a run and its resumption (they do not change what is trained).
+TERMS = ("loss", "instance_loss", "prior_loss")  # the logged loss terms, in dreambooth_loss order
+RESUMABLE_CHANGES = {"steps", "resume", "progress", "log_every", "checkpoint_every", "keep_last",
+                     "validate_every", "num_validation_images", "validation_steps", "validation_guidance",
+                     "save_diffusers", "export_ema", "device", "class_batch_size"}
+
+
+@dataclass(frozen=True)
+class ConceptConfig:
+    """Learn the concept: DreamBooth fine-tuning of SD with prior preservation (paper 4.1)."""
+
+    # ---- model and data
+    ckpt: str = field(default="", metadata={"help": "base SD checkpoint: single .safetensors/.ckpt file "
+                                                    "or diffusers folder"})
+    preset: str = field(default="sd15", metadata={"help": "architecture for --random-weights",
+                                                  "choices": sorted(PRESETS)})
+    random_weights: bool = field(default=False, metadata={
+        "help": "random weights of --preset instead of --ckpt (smoke tests, CPU demos)"})
+    prediction_type: str = field(default="auto", metadata={
+        "help": "override the model's prediction type", "choices": ["auto", "epsilon", "v_prediction"]})
+    data: str = field(default="", metadata={"help": "instance images: a COCO folder holding "
+                                                    "annotations.json, or the COCO JSON itself"})
+    out: str = field(default="", metadata={"help": "output folder (required)"})
+    resolution: int = field(default=0, metadata={"help": "training resolution in pixels, a multiple of 64; "
+                                                         "0 = the model's native size"})
+    # ---- prompts
+    identifier: str = field(default="sks", metadata={"help": "rare single-token identifier [V]"})
+    class_noun: str = field(default="metal surface", metadata={
+        "help": "what the images show in general words; the class prompt of prior preservation"})
+    prompt_template: str = field(default="an image of a {}", metadata={
+        "help": "prompt with {} for the identifier (instance) or the class noun (class images)"})
+    # ---- prior preservation
+    with_prior: bool = field(default=True, metadata={"help": "use class images and the prior loss"})
+    prior_loss_weight: float = field(default=1.0, metadata={"help": "weight of the class-image MSE"})
+    num_class_images: int = field(default=200, metadata={"help": "class images to generate and use"})
+    class_dir: str = field(default="", metadata={"help": "class image folder (default OUT/class_images)"})
+    class_sampler: str = field(default="ddpm", metadata={"help": "sampler for class images",
+                                                         "choices": sorted(SAMPLERS)})
+    class_steps: int = field(default=50, metadata={"help": "sampler steps per class image"})
+    class_guidance: float = field(default=7.5, metadata={"help": "classifier-free guidance scale"})
+    class_batch_size: int = field(default=4, metadata={"help": "class images generated per batch"})
+    # ---- optimisation
+    steps: int = field(default=800, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=1, metadata={
+        "help": "instance images per micro-batch and rank (plus as many class images)"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float | None = field(default=None, metadata={
+        "help": "UNet learning rate (none: 5e-6, or 2e-6 with --train-text-encoder)"})
+    train_text_encoder: bool = field(default=False, metadata={"help": "fine-tune the text encoder too"})
+    text_encoder_lr: float | None = field(default=None, metadata={"help": "text encoder lr (none: --lr)"})
+    lr_schedule: str = field(default="constant", metadata={"help": "after warmup", "choices": list(LR_SCHEDULES)})
+    lr_warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: none)"})
+    precision: str = field(default="auto", metadata={
+        "help": "auto: bf16 on CUDA, fp32 on CPU; trainable weights stay float32",
+        "choices": ["auto", *PRECISIONS]})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute UNet activations"})
+    cache_latents: bool = field(default=True, metadata={"help": "encode every image once (VAE mean/std)"})
+    cache_text_embeddings: bool = field(default=True, metadata={
+        "help": "encode the two prompts once (ignored with --train-text-encoder)"})
+    ema: bool = field(default=False, metadata={"help": "keep an EMA of the trained weights"})
+    ema_decay: float = 0.9999
+    # ---- run
+    seed: int = field(default=0, metadata={"help": "run seed (class images, data order, noise)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
+    log_every: int = field(default=10, metadata={"help": "optimizer steps between metric records"})
+    checkpoint_every: int = field(default=200, metadata={"help": "optimizer steps between checkpoints "
+                                                                 "(0: at the end only)"})
+    keep_last: int = field(default=2, metadata={"help": "checkpoints kept (0: all)"})
+    resume: str = field(default="", metadata={"help": "'latest' or a checkpoint folder"})
+    validate_every: int = field(default=100, metadata={"help": "steps between sample grids (0: end only)"})
+    num_validation_images: int = field(default=4, metadata={"help": "images per grid (0: no grids)"})
+    validation_steps: int = field(default=25, metadata={"help": "DDIM steps of the sample grids"})
+    validation_guidance: float = 7.5
+    save_diffusers: bool = field(default=False, metadata={"help": "also write OUT/diffusers"})
+    export_ema: bool = field(default=False, metadata={"help": "also write the EMA weights (needs --ema)"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    @property
+    def instance_prompt(self) -> str:
+        return self.prompt_template.format(self.identifier)
+
+    @property
+    def class_prompt(self) -> str:
+        return self.prompt_template.format(self.class_noun)
+
+
+@dataclass
+class ConceptResult:
+    """What `main` returns: the model (tuned UNet, on the training device), every optimizer step's
+    loss terms, and the files written (rank 0; other ranks get the same history, no files)."""
+    model: StableDiffusion
+    history: list[dict[str, float]]
+    step: int
+    stopped: bool
+    checkpoint: Path | None
+    exported: dict[str, Path]
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+def resolve_config(cfg: ConceptConfig, model: StableDiffusion, device: torch.device) -> ConceptConfig:
+    """Fill the "auto" / none fields with what this run actually uses (saved with checkpoints)."""
+    if not cfg.out:
+        raise ValueError("train.concept: --out is required")
+    if not cfg.data:
+        raise ValueError("train.concept: --data is required (a COCO folder or JSON file)")
+    if cfg.export_ema and not cfg.ema:
+        raise ValueError("train.concept: --export-ema needs --ema")
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    lr = cfg.lr if cfg.lr is not None else (2e-6 if cfg.train_text_encoder else 5e-6)
+    return replace(
+        cfg, precision=precision, lr=lr,
+        text_encoder_lr=cfg.text_encoder_lr if cfg.text_encoder_lr is not None else lr,
+        resolution=cfg.resolution or model.config.image_size,
+        prediction_type=model.prediction_type, device=device.type,
+        class_dir=cfg.class_dir or str(Path(cfg.out) / "class_images"))
+
+
+def load_base_model(cfg: ConceptConfig) -> StableDiffusion:
+    """The base model on the CPU in float32: a checkpoint, or random weights of a preset."""
+    overrides = {} if cfg.prediction_type == "auto" else {"prediction_type": cfg.prediction_type}
+    if cfg.random_weights:
+        with torch.random.fork_rng(devices=[]):  # same weights on every rank, global RNG untouched
+            torch.manual_seed(cfg.seed)
+            return StableDiffusion(preset(cfg.preset, **overrides))
+    if not cfg.ckpt:
+        raise ValueError("train.concept: give --ckpt BASE_MODEL, or --random-weights with --preset")
+    return load_pipeline(cfg.ckpt, device="cpu", dtype=torch.float32,
+                         prediction_type=overrides.get("prediction_type"))
+
+
+def check_identifier(model: StableDiffusion, identifier: str) -> None:
+    """DreamBooth binds the concept to ONE rare token; a multi-token identifier spreads it."""
+    ids = model.tokenizer.encode(identifier)
+    if len(ids) != 1:
+        raise ValueError(f"train.concept: --identifier {identifier!r} is {len(ids)} tokens {ids}; "
+                         f"use a rare single-token word such as 'sks'")
+
+
+def frozen_copy(module: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """A frozen module in the run's low dtype on `device`. The float32 original stays untouched
+    (it is what gets exported) unless no cast is needed, in which case it is frozen in place."""
+    if dtype != torch.float32:
+        module = copy.deepcopy(module)
+    return module.requires_grad_(False).eval().to(device=device, dtype=dtype)
+
+
+def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, num_instance: int,
+                    prior_loss_weight: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DreamBooth's loss on a batch of `num_instance` instance rows followed by class rows.
+
+    loss = MSE(instance rows) + w * MSE(class rows), each MSE its own mean; w None = no prior
+    (the batch is all instance rows). Returns (loss, detached float32 [loss, instance, prior])."""
+    pred, target = pred.float(), target.float()
+    instance = F.mse_loss(pred[:num_instance], target[:num_instance])
+    if prior_loss_weight is None:
+        return instance, torch.stack([instance, instance, torch.zeros_like(instance)]).detach()
+    prior = F.mse_loss(pred[num_instance:], target[num_instance:])
+    loss = instance + prior_loss_weight * prior
+    return loss, torch.stack([loss, instance, prior]).detach()
+
+
+@torch.no_grad()
+def generate_images(unet: nn.Module, vae: nn.Module, model: StableDiffusion, cond: torch.Tensor,
+                    uncond: torch.Tensor, seeds: list[int], sampler: str, steps: int, guidance: float,
+                    resolution: int, precision: str) -> torch.Tensor:
+    """Text-to-image with CFG: images (B, 3, H, W) in [-1, 1], sample i from seeds[i] alone.
+    cond, uncond: (1, 77, D) contexts, broadcast over the batch."""
+    device = next(unet.parameters()).device
+    generators = generators_from_seeds(seeds)  # CPU generators: the same image on every machine
+    latent = resolution // model.config.vae.downsample_factor
+    x = randn_per_sample((len(seeds), model.config.unet.in_channels, latent, latent), generators, device=device)
+    sample_fn, timesteps_fn = SAMPLERS[sampler]
+    model_fn = lambda x, t, context: unet(x, t, context).float()  # noqa: E731 - sampler maths in float32
+    denoiser = as_eps_denoiser(ClassifierFreeGuidance(model_fn, cond, uncond, guidance),
+                               model.schedule, model.prediction_type)
+    with autocast(device, precision):
+        latents = sample_fn(denoiser, x, model.schedule, timesteps_fn(steps), generators=generators)
+        dtype = next(vae.parameters()).dtype
+        images = vae.decode((latents / model.latent_scale).to(dtype))
+    return images.float().clamp(-1, 1)
+
+
+def generate_class_images(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, model: StableDiffusion,
+                          cfg: ConceptConfig, info: DistInfo) -> list[Path]:
+    """Draw the missing class images with the frozen base model; every rank takes every
+    world_size-th missing index. Returns the paths of all `num_class_images` images."""
+    folder = Path(cfg.class_dir)
+    paths = [folder / f"{i:06d}.png" for i in range(cfg.num_class_images)]
+    missing = [i for i, p in enumerate(paths) if not p.is_file()]
+    mine = missing[info.rank::info.world_size]
+    if mine:
+        device = info.device
+        with torch.no_grad():
+            tokens = model.tokenizer([cfg.class_prompt, ""]).to(device)
+            cond, uncond = text_encoder(tokens).float().chunk(2)  # (2, 77, D) -> 2 x (1, 77, D)
+        bar = tqdm(total=len(missing), desc="class images", disable=not (cfg.progress and info.is_main))
+        for start in range(0, len(mine), cfg.class_batch_size):
+            batch = mine[start:start + cfg.class_batch_size]
+            images = generate_images(unet, vae, model, cond, uncond,
+                                     [derive_seed(cfg.seed, "class_image", i) for i in batch],
+                                     cfg.class_sampler, cfg.class_steps, cfg.class_guidance,
+                                     cfg.resolution, cfg.precision)
+            for i, image in zip(batch, images):
+                write_image_atomic(paths[i], tensor_to_image(image))
+            bar.update(len(batch) * info.world_size)
+        bar.close()
+    barrier()
+    return paths
+
+
+@torch.no_grad()
+def encode_dataset(vae: nn.Module, dataset: ConceptDataset, device: torch.device,
+                   batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior (mean, std) of every image, float32 (N, 4, h, w) on `device`."""
+    means, stds = [], []
+    for start in range(0, len(dataset), batch_size):
+        images = torch.stack([dataset[i]["image"] for i in range(start, min(start + batch_size, len(dataset)))])
+        mean, std = encode_posterior(vae, images.to(device))
+        means.append(mean), stds.append(std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def posterior_of(indices: list[int], dataset: ConceptDataset, cache: tuple[torch.Tensor, torch.Tensor] | None,
+                 vae: nn.Module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the images at `indices`: from the cache, or encoded now."""
+    if cache is not None:
+        index = torch.tensor(indices, device=cache[0].device)
+        return cache[0][index], cache[1][index]
+    images = torch.stack([dataset[i]["image"] for i in indices]).to(device)
+    return encode_posterior(vae, images)
+
+
+def trainable_weights(unet: nn.Module, text_encoder: nn.Module | None) -> dict[str, torch.Tensor]:
+    """The trained tensors, keyed by network ("unet.", "text_encoder.")."""
+    weights = {f"unet.{k}": v for k, v in unet.state_dict().items()}
+    if text_encoder is not None:
+        weights.update({f"text_encoder.{k}": v for k, v in text_encoder.state_dict().items()})
+    return weights
+
+
+def strip_prefix(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
+def check_resume_config(saved: dict[str, Any], cfg: ConceptConfig, path: Path) -> None:
+    """A resumed run must train the same thing: only bookkeeping fields may differ."""
+    current = config_to_dict(cfg)
+    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
+    if changed:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        raise ValueError(f"--resume {path}: the checkpoint was trained with a different config ({detail}); "
+                         f"start a new --out folder or use the checkpoint's settings")
+
+
+def render_samples(unet: nn.Module, vae: nn.Module, text_context: torch.Tensor, uncond: torch.Tensor,
+                   model: StableDiffusion, cfg: ConceptConfig, step: int) -> Path:
+    """A PNG grid of the instance prompt from fixed seeds (the same seeds at every step)."""
+    seeds = [derive_seed(cfg.seed, "validation", i) for i in range(cfg.num_validation_images)]
+    images = generate_images(unet, vae, model, text_context, uncond, seeds, "ddim", cfg.validation_steps,
+                             cfg.validation_guidance, cfg.resolution, cfg.precision)
+    return save_image_grid(images, Path(cfg.out) / "samples" / f"step_{step:08d}.png")
+
+
+def export_model(model: StableDiffusion, cfg: ConceptConfig, ema: EMA | None,
+                 params: list[nn.Parameter]) -> dict[str, Path]:
+    """Write the tuned model: single file (+ diffusers folder) (+ the same with EMA weights)."""
+    out = Path(cfg.out)
+    written = {"ldm": out / "concept.safetensors"}
+    save_ldm(model, written["ldm"])
+    if cfg.save_diffusers:
+        written["diffusers"] = out / "diffusers"
+        save_diffusers(model, written["diffusers"])
+    if cfg.export_ema and ema is not None:
+        with ema.applied(params):
+            written["ldm_ema"] = out / "concept_ema.safetensors"
+            save_ldm(model, written["ldm_ema"])
+            if cfg.save_diffusers:
+                written["diffusers_ema"] = out / "diffusers_ema"
+                save_diffusers(model, written["diffusers_ema"])
+    return written
+
+
+# --------------------------------------------------------------------------------------- main
+
+def main(cfg: ConceptConfig) -> ConceptResult:
+    with distributed_session(cfg.device) as info:
+        device = info.device
+        model = load_base_model(cfg)
+        cfg = resolve_config(cfg, model, device)
+        check_identifier(model, cfg.identifier)
+        out, ckpt_root = Path(cfg.out), Path(cfg.out) / "checkpoints"
+        resume_from = resolve_resume(ckpt_root, cfg.resume)
+        if info.is_main:
+            save_config_json(cfg, out / "config.json")
+
+        # Networks: the UNet (and optionally the text encoder) train in float32; the rest is frozen
+        # in the low dtype. `model` keeps float32 originals of the frozen parts for the export.
+        low = precision_dtype(cfg.precision)
+        unet = model.unet.to(device).train().requires_grad_(True)
+        vae = frozen_copy(model.vae, low, device)
+        if cfg.train_text_encoder:
+            text_encoder = model.text_encoder.to(device).train().requires_grad_(True)
+        else:
+            text_encoder = frozen_copy(model.text_encoder, low, device)
+
+        # Class images first, drawn by the still untouched base model.
+        class_paths = generate_class_images(unet, vae, text_encoder, model, cfg, info) if cfg.with_prior else []
+
+        # Data: instance images (COCO) and class images; VAE posteriors and prompts cached if asked.
+        data_path = Path(cfg.data)
+        coco = load_coco(data_path / "annotations.json" if data_path.is_dir() else data_path, progress=False)
+        instance_data = ConceptDataset(coco, cfg.resolution, prompt=cfg.instance_prompt)
+        class_data = ConceptDataset(class_paths, cfg.resolution, prompt=cfg.class_prompt) if cfg.with_prior else None
+        instance_cache = encode_dataset(vae, instance_data, device) if cfg.cache_latents else None
+        class_cache = encode_dataset(vae, class_data, device) if cfg.cache_latents and class_data else None
+        tokens = model.tokenizer([cfg.instance_prompt, cfg.class_prompt, ""]).to(device)  # (3, 77)
+        with torch.no_grad():
+            uncond_context = text_encoder(tokens[2:]).float()  # (1, 77, D), for the sample grids
+            cache_text = cfg.cache_text_embeddings and not cfg.train_text_encoder
+            text_cache = text_encoder(tokens[:2]).float() if cache_text else None  # (2, 77, D)
+
+        # Optimizer, loss scaler, EMA, data order and the noise generator.
+        groups = [param_group("unet", unet.parameters(), lr=cfg.lr)]
+        if cfg.train_text_encoder:
+            groups.append(param_group("text_encoder", text_encoder.parameters(), lr=cfg.text_encoder_lr))
+        params = [p for g in groups for p in g["params"]]
+        optimizer = build_adamw(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                                weight_decay=cfg.weight_decay)
+        scaler = make_grad_scaler(cfg.precision, device)
+        ema = EMA(params, cfg.ema_decay) if cfg.ema else None
+        instance_order = IndexStream(len(instance_data), derive_seed(cfg.seed, "instance_order"))
+        class_order = IndexStream(len(class_data), derive_seed(cfg.seed, "class_order")) if class_data else None
+        noise_gen = torch.Generator(device).manual_seed(derive_seed(cfg.seed, "noise", info.rank))
+        torch.manual_seed(derive_seed(cfg.seed, "global", info.rank))
+
+        start_step = 0
+        if resume_from is not None:
+            weights, state = load_checkpoint(resume_from, device)
+            check_resume_config(state["config"], cfg, resume_from)
+            if state["world_size"] != info.world_size:
+                raise ValueError(f"--resume {resume_from}: saved with {state['world_size']} processes, "
+                                 f"resumed with {info.world_size}; the data order would change")
+            unet.load_state_dict(strip_prefix(weights, "unet."), strict=True)
+            if cfg.train_text_encoder:
+                text_encoder.load_state_dict(strip_prefix(weights, "text_encoder."), strict=True)
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+            instance_order.load_state_dict(state["data"]["instance"])
+            if class_order is not None:
+                class_order.load_state_dict(state["data"]["class"])
+            restore_rng_state(state["rng"][info.rank], {"noise": noise_gen})
+            start_step = state["step"]
+            if info.is_main:
+                print(f"resumed from {resume_from} at step {start_step}")
+
+        unet.set_gradient_checkpointing(cfg.gradient_checkpointing)
+        unet_ddp = wrap_ddp(unet, info)
+        # The SD 2.x text encoder stops at its penultimate layer: the last one gets no gradient.
+        text_ddp = wrap_ddp(text_encoder, info, find_unused_parameters=True) if cfg.train_text_encoder else text_encoder
+        synced = [unet_ddp, text_ddp] if cfg.train_text_encoder else [unet_ddp]
+        prior_weight = cfg.prior_loss_weight if cfg.with_prior else None
+        batch = cfg.batch_size
+
+        def instance_context() -> torch.Tensor:
+            with torch.no_grad():
+                return text_cache[0:1] if text_cache is not None else text_encoder(tokens[0:1]).float()
+
+        def save(step: int) -> Path | None:
+            """All ranks: check the replicas agree, gather RNG states; rank 0 writes."""
+            assert_replicas_identical(params, device)
+            rng = gather_objects(capture_rng_state({"noise": noise_gen}))
+            if not info.is_main:
+                return None
+            state = {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "ema": ema.state_dict() if ema else None, "rng": rng, "world_size": info.world_size,
+                     "data": {"instance": instance_order.state_dict(),
+                              "class": class_order.state_dict() if class_order else None},
+                     "config": config_to_dict(cfg)}
+            weights = trainable_weights(unet, text_encoder if cfg.train_text_encoder else None)
+            return save_checkpoint(ckpt_root, step, weights, state, cfg, cfg.keep_last)
+
+        metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step, enabled=info.is_main)
+        bar = progress_bar(cfg.steps, start_step, enabled=cfg.progress and info.is_main, desc="concept")
+        history: list[dict[str, float]] = []
+        stopped, last_saved, started = False, None, time.perf_counter()
+        with StopSignal() as stop:
+            for step in range(start_step, cfg.steps):
+                terms = torch.zeros(3, device=device)  # loss, instance, prior: mean over micro-batches
+                for micro in range(cfg.grad_accum):
+                    # Batch: instance rows then class rows, this rank's slice of the global batch.
+                    mean, std = posterior_of(instance_order.take_for_rank(batch, info.rank, info.world_size),
+                                             instance_data, instance_cache, vae, device)
+                    if class_order is not None:
+                        class_idx = class_order.take_for_rank(batch, info.rank, info.world_size)
+                        class_mean, class_std = posterior_of(class_idx, class_data, class_cache, vae, device)
+                        mean, std = torch.cat([mean, class_mean]), torch.cat([std, class_std])
+                    # Encode -> noise, t (train/diffusion.py).
+                    z0 = sample_latents(mean, std, model.latent_scale, noise_gen)
+                    noise = sample_noise(z0, noise_gen)
+                    t = sample_timesteps(z0.shape[0], noise_gen, model.schedule.num_train_timesteps).to(device)
+                    z_t = model.schedule.q_sample(z0, t, noise)
+                    target = diffusion_target(model.schedule, model.prediction_type, z0, noise, t)
+
+                    # Model -> loss -> backward; DDP syncs gradients on the last micro-batch only.
+                    with grad_sync(synced, sync=micro == cfg.grad_accum - 1):
+                        with autocast(device, cfg.precision):
+                            with torch.set_grad_enabled(cfg.train_text_encoder):
+                                prompts = text_cache if text_cache is not None else text_ddp(tokens[:2])
+                            # (2, 77, D) -> (B_inst + B_class, 77, D): one prompt per half.
+                            context = torch.cat([prompts[0:1].expand(batch, -1, -1),
+                                                 prompts[1:2].expand(z0.shape[0] - batch, -1, -1)])
+                            pred = unet_ddp(z_t, t, context)
+                        loss, micro_terms = dreambooth_loss(pred, target, batch, prior_weight)
+                        micro_terms = all_reduce_mean(micro_terms)
+                        check_finite(step + 1, dict(zip(TERMS, micro_terms.tolist())))
+                        scaler.scale(loss / cfg.grad_accum).backward()
+                    terms += micro_terms / cfg.grad_accum
+
+                # Unscale -> clip -> step -> zero_grad -> EMA, at this step's learning rate.
+                lr_scale = lr_multiplier(step, cfg.lr_warmup_steps, cfg.steps, cfg.lr_schedule)
+                grad_norm = optimizer_step(optimizer, scaler, params, cfg.max_grad_norm, ema, lr_scale)
+                done = step + 1
+                record = dict(zip(TERMS if cfg.with_prior else TERMS[:2], terms.tolist()))
+                history.append({"step": done, **record})
+                bar.update(1)
+
+                # Log / checkpoint / sample.
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    lr = optimizer.param_groups[0]["lr"]
+                    metrics.write({"step": done, **record, "lr": lr, "grad_norm": grad_norm.item(),
+                                   "steps_per_s": (done - start_step) / (time.perf_counter() - started)})
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+                stopped = any_rank(stop.requested, device)
+                if stopped or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+                    save(done)
+                    last_saved = done
+                if stopped:
+                    if info.is_main:
+                        bar.write(f"stopped by signal: saved step {done} under {ckpt_root}; "
+                                  f"continue with --resume latest")
+                    break
+                if (cfg.validate_every and cfg.num_validation_images and done % cfg.validate_every == 0
+                        and done < cfg.steps and info.is_main):
+                    render_samples(unet, vae, instance_context(), uncond_context, model, cfg, done)
+        bar.close()
+        metrics.close()
+
+        # The end: last checkpoint, a final sample grid, the exported model.
+        step = history[-1]["step"] if history else start_step
+        checkpoint, exported = None, {}
+        if not stopped:
+            if last_saved != step:
+                save(step)
+            checkpoint = ckpt_root / checkpoint_name(step)
+            if info.is_main:
+                if cfg.num_validation_images:
+                    render_samples(unet, vae, instance_context(), uncond_context, model, cfg, step)
+                exported = export_model(model, cfg, ema, params)
+        barrier()
+        return ConceptResult(model, history, step, stopped, checkpoint, exported)
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+def get_args_parser():
+    return parser_from_dataclass(ConceptConfig, prog="python -m train.concept")
+
+
+def cli(argv: list[str] | None = None) -> int:
+    result = main(config_from_args(ConceptConfig, get_args_parser().parse_args(argv)))
+    return 0 if result is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
