@@ -47,8 +47,11 @@ def _count(shapes: Shapes, template: str, start: int = 0) -> int:
 def settle(inferred: dict[str, Any], candidates: list, default, source: str):
     """The first candidate config agreeing with every inferred field, else `default` with them."""
     for candidate in candidates:
-        if replace(candidate, **inferred) == candidate:
-            return candidate
+        try:
+            if replace(candidate, **inferred) == candidate:
+                return candidate
+        except ValueError:  # the shapes are not even valid for this candidate
+            continue
     try:
         return replace(default, **inferred)
     except ValueError as err:
@@ -303,8 +306,11 @@ def _text_settle(inferred: dict[str, Any], default: TextEncoderConfig, source: s
     width = inferred["width"]
     candidates = [c for c in _preset_configs("text") if c.activation == default.activation]
     for candidate in candidates:
-        if replace(candidate, **inferred) == candidate:
-            return candidate
+        try:
+            if replace(candidate, **inferred) == candidate:
+                return candidate
+        except ValueError:
+            continue
     if width % 64:
         raise ConfigError(f"{source}: text width {width} is not a multiple of 64, so the head count "
                           f"cannot be inferred (CLIP text towers use 64-wide heads); pass an explicit config")

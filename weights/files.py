@@ -209,11 +209,14 @@ def read_pickle(path: str | os.PathLike) -> DictFile:
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL (\S+)", str(err))
         what = f"the Python global {found.group(1)}" if found else "a Python object"
+        # torch's message also suggests weights_only=False; pass on only the line naming the problem.
+        detail = next((line.strip() for line in str(err).splitlines()
+                       if re.search(r"GLOBAL|reduce|build|allowlist", line) and "weights_only" not in line), "")
         raise CheckpointError(
             f"{path}: refused to unpickle: the file needs {what}, which is not on the allow-list "
             f"(tensors, plain containers and Lightning's ModelCheckpoint class only). weights/ never "
             f"falls back to unsafe loading; if you trust the file, convert it to .safetensors with a "
-            f"tool you trust. Unpickler said: {str(err).strip().splitlines()[-1] if str(err).strip() else err}"
+            f"tool you trust." + (f" ({detail})" if detail else "")
         ) from err
     except (EOFError, OSError, RuntimeError, ValueError, TypeError) as err:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {err})") from err

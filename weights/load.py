@@ -282,6 +282,7 @@ class ComponentReport:
     config: Any
     config_source: str
     parameters: int = 0
+    keys: int = 0                                         # our state-dict keys
     matched: int = 0                                      # our keys found with the right shape
     missing: list[str] = field(default_factory=list)      # file keys a rule needs but the file lacks
     mismatched: list[str] = field(default_factory=list)   # "file key (our key): file shape vs expected"
@@ -338,7 +339,7 @@ class LoadInfo:
         for r in self.components.values():
             lines.append(f"  {r.name:<13} {r.layout}; {r.parameters:,} parameters; config from {r.config_source}")
             lines.append(f"  {'':<13} {r.config}")
-            lines.append(f"  {'':<13} keys: {r.matched} matched, {len(r.missing)} missing, "
+            lines.append(f"  {'':<13} keys: {r.matched}/{r.keys} matched, {len(r.missing)} missing, "
                          f"{len(r.mismatched)} shape mismatches" + (f", {len(r.errors)} errors" if r.errors else ""))
         extras = sum(len(v) for v in self.known_extras.values())
         lines.append(f"file keys:       {self.file_keys}")
@@ -382,7 +383,7 @@ def plan_component(part: Part, ema: bool = False) -> Plan:
         module = component.module(part.config)
     ours = module.state_dict()
     report = ComponentReport(part.component, f"{part.describes} [{layout.name}, prefix {layout.prefix or '(none)'}]",
-                             part.config, part.config_source, sum(t.numel() for t in ours.values()))
+                             part.config, part.config_source, sum(t.numel() for t in ours.values()), len(ours))
     try:
         rules = layout.rules(list(ours))
     except KeyError as err:
