@@ -145,3 +145,19 @@ def test_ema_names_are_the_flat_ldm_names():
     ema_keys = {k for k in manifest("sd15_ldm_with_ema") if k.startswith("model_ema.diffusion_model")}
     assert {r.theirs[0] for r in rules} == ema_keys
     assert rules[0].theirs[0] == "model_ema.diffusion_modeltime_embed0weight"
+
+
+@pytest.mark.parametrize("file_name, expected", [
+    ("v2-1_768-ema-pruned.safetensors", "v_prediction"), ("768-v-ema.ckpt", "v_prediction"),
+    ("v2-1_512-ema-pruned.safetensors", "epsilon"), ("512-base-ema.ckpt", "epsilon"),
+    ("my-finetune.safetensors", "v_prediction"),
+])
+def test_sd2_prediction_type_heuristic(file_name, expected):
+    from weights import decide_prediction_type
+    from weights.load import Checkpoint
+
+    checkpoint = Checkpoint(f"/models/{file_name}", "single file", {}, [])
+    chosen, reason = decide_prediction_type("sd2", checkpoint)
+    assert chosen == expected and "guess" in reason
+    assert decide_prediction_type("sd1", checkpoint)[0] == "epsilon"
+    assert decide_prediction_type("sd2", checkpoint, explicit="epsilon") == ("epsilon", "given explicitly")
