@@ -188,6 +188,7 @@ UNSUPPORTED_KEYS: tuple[tuple[str, str], ...] = (
                                          "class/added conditioning): defectsynth loads SD 1.x / 2.x only"),
     ("label_emb.", "a UNet with label_emb (SDXL-style added conditioning): not supported"),
     ("add_embedding.", "a diffusers UNet with add_embedding (SDXL text_time conditioning): not supported"),
+    ("class_embedding.", "a class-conditioned diffusers UNet (x4 upscaler, unCLIP): not supported"),
     ("control_model.", "ControlNet weights (control_model.*): ControlNet loading is not part of load_pipeline "
                        "yet (it arrives with model/controlnet.py as load_control)"),
     ("controlnet_cond_embedding.", "a diffusers ControlNetModel: ControlNet loading is not part of "

@@ -10,7 +10,7 @@ A config.json we cannot represent exactly is rejected with the field and the val
 """
 from __future__ import annotations
 
-from dataclasses import fields, replace
+from dataclasses import replace
 from typing import Any, Mapping
 
 from model.stable_diffusion import PRESETS
@@ -380,7 +380,3 @@ def text_config_to_transformers(config: TextEncoderConfig, layers: int) -> dict[
         "pad_token_id": config.pad_token_id, "projection_dim": config.projection_dim or config.width,
         "torch_dtype": "float32", "transformers_version": TRANSFORMERS_VERSION, "vocab_size": config.vocab_size,
     }
-
-
-def config_fields(config) -> dict[str, Any]:
-    return {f.name: getattr(config, f.name) for f in fields(config)}

@@ -87,11 +87,6 @@ class TensorFile:
             self._keys_cache = set(self.keys())
         return self._keys_cache
 
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: self.shape(k) for k in self.keys()}
-
-    def close(self) -> None:
-        pass
 
 
 class SafetensorsFile(TensorFile):

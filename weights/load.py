@@ -185,7 +185,7 @@ def _component_folder(folder: Path, expect: str | None = None) -> Part:
             extra_layers, projection = 0, None
             if extra_path.is_file():
                 extra = open_tensor_file(extra_path)
-                extra_layers = configs_count_layers(extra.keys())
+                extra_layers = _count_text_layers(extra.keys())
                 projection = extra.shape("text_projection")[1] if "text_projection" in extra else None
                 file = MergedFile(str(weights), [file, extra], ["", signature.prefix])
             config = component.config_from_json(cfg, source, pad_token_id=_pad_token_id(folder),
@@ -199,7 +199,7 @@ def _component_folder(folder: Path, expect: str | None = None) -> Part:
                 cfg.get("sample_size"))
 
 
-def configs_count_layers(keys: list[str]) -> int:
+def _count_text_layers(keys: list[str]) -> int:
     return len({m.group(1) for k in keys if (m := re.match(r"encoder\.layers\.(\d+)\.", k))})
 
 
@@ -337,6 +337,9 @@ class LoadInfo:
         lines.append(f"judged as:       {self.judged_as}")
         lines.append("components:")
         for r in self.components.values():
+            if r.config is None:
+                lines.append(f"  {r.name:<13} absent")
+                continue
             lines.append(f"  {r.name:<13} {r.layout}; {r.parameters:,} parameters; config from {r.config_source}")
             lines.append(f"  {'':<13} {r.config}")
             lines.append(f"  {'':<13} keys: {r.matched}/{r.keys} matched, {len(r.missing)} missing, "
@@ -419,7 +422,7 @@ def _shapes_fit(rule: Rule, file: TensorFile) -> bool:
 
 
 def analyse(checkpoint: Checkpoint, components: tuple[str, ...], ema: bool = False,
-            prediction_type: str | None = None, check_complete: bool = True) -> tuple[LoadInfo, dict[str, Plan]]:
+            prediction_type: str | None = None) -> tuple[LoadInfo, dict[str, Plan]]:
     """Plans for `components` and the whole-checkpoint coverage (LoadInfo)."""
     plans: dict[str, Plan] = {}
     missing_components = [c for c in components if c not in checkpoint.parts]
@@ -433,7 +436,7 @@ def analyse(checkpoint: Checkpoint, components: tuple[str, ...], ema: bool = Fal
                     {name: plan.report for name, plan in plans.items()},
                     "load_pipeline" if tuple(components) == SD_COMPONENTS else
                     " + ".join(f"load_{name}" for name in components))
-    for name in missing_components if check_complete else ():
+    for name in missing_components:
         found = sorted(checkpoint.parts)
         info.components[name] = ComponentReport(name, "absent", None, "", errors=[
             f"no {name} in {checkpoint.path} (found: {found or 'nothing'})"])

@@ -33,7 +33,7 @@ import torch
 from defectsynth.runconfig import config_to_dict
 from model.stable_diffusion import SDConfig
 from weights import layouts
-from weights.components import COMPONENTS, SD_COMPONENTS
+from weights.components import COMPONENTS
 from weights.configs import (DIFFUSERS_VERSION, ConfigError, text_config_to_transformers, unet_config_to_diffusers,
                              vae_config_to_diffusers)
 from weights.files import save_json, save_safetensors, save_text
@@ -199,6 +199,9 @@ def save_diffusers(model, folder: str | Path, dtype: torch.dtype | str | None = 
     _check_consistent(model)
     folder = Path(folder)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    # model_index.json marks a complete folder: when overwriting, it goes first and comes back last.
+    if (folder / "model_index.json").exists():
+        (folder / "model_index.json").unlink()
     config = model.config
     latent_size = config.image_size // config.vae.downsample_factor
     weights = "diffusion_pytorch_model.safetensors"
@@ -229,8 +232,6 @@ def save_diffusers(model, folder: str | Path, dtype: torch.dtype | str | None = 
     for name, text_file in clip_tokenizer_files(pad).items():
         save_text(text_file, folder / "tokenizer" / name)
     save_json(scheduler_config(config.prediction_type), folder / "scheduler" / "scheduler_config.json")
-
-    assert SD_COMPONENTS == ("unet", "vae", "text_encoder")
     save_json({
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
         "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
