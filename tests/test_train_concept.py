@@ -129,11 +129,11 @@ def test_few_steps_finite_and_logged_terms_match_hand_computation(demo_data, cla
 
 @pytest.mark.slow
 def test_overfitting_four_images_drives_the_loss_down(demo_data, tmp_path):
-    cfg = tiny_config(demo_data, tmp_path / "run", with_prior=False, steps=60, batch_size=4, lr=2e-3,
-                      log_every=10)
+    cfg = tiny_config(demo_data, tmp_path / "run", with_prior=False, steps=25, batch_size=4, lr=3e-3,
+                      log_every=5)
     history = losses(concept.main(cfg))
     assert all(map(lambda v: v == v and abs(v) < 1e3, history))
-    first, last = sum(history[:10]) / 10, sum(history[-10:]) / 10
+    first, last = sum(history[:5]) / 5, sum(history[-5:]) / 5  # measured: about 0.83 -> 0.3
     assert last < 0.6 * first, (first, last)
 
 
@@ -199,7 +199,13 @@ def test_class_images_are_resumable(demo_data, tmp_path, monkeypatch):
 
 def test_export_loads_back_identically_and_trains_from_our_file(demo_data, class_dir, tmp_path):
     result = concept.main(tiny_config(demo_data, tmp_path / "run", class_dir, steps=2, save_diffusers=True,
-                                      num_validation_images=2, validation_steps=2))
+                                      num_validation_images=2, validation_steps=2, train_text_encoder=True,
+                                      lr=1e-3))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        base = StableDiffusion(preset("tiny"))
+    tuned_text = result.model.text_encoder.state_dict()
+    assert not all(torch.equal(v, tuned_text[k]) for k, v in base.text_encoder.state_dict().items())
     assert (tmp_path / "run" / "samples" / "step_00000002.png").is_file()
     tuned = result.model
     g = torch.Generator().manual_seed(3)
@@ -245,14 +251,16 @@ def test_interrupted_save_is_not_resumed(demo_data, class_dir, tmp_path, monkeyp
         return real_save(*args, **kwargs)
 
     monkeypatch.setattr(ckpt.torch, "save", save_that_dies)
+    options = dict(steps=2, checkpoint_every=1, train_text_encoder=True)  # text encoder state resumes too
     with pytest.raises(KeyboardInterrupt):
-        concept.main(tiny_config(demo_data, tmp_path / "run", class_dir, steps=2, checkpoint_every=1))
+        concept.main(tiny_config(demo_data, tmp_path / "run", class_dir, **options))
     monkeypatch.undo()
     root = tmp_path / "run" / "checkpoints"
     assert ckpt.resolve_resume(root, "latest").name == "step_00000001"
-    resumed = concept.main(tiny_config(demo_data, tmp_path / "run", class_dir, steps=2, checkpoint_every=1,
-                                       resume="latest"))
+    resumed = concept.main(tiny_config(demo_data, tmp_path / "run", class_dir, resume="latest", **options))
     assert [r["step"] for r in resumed.history] == [2]
+    weights, _ = ckpt.load_checkpoint(root / "step_00000002")
+    assert any(k.startswith("text_encoder.") for k in weights)
 
 
 def test_identifier_must_be_one_token(demo_data, tmp_path):

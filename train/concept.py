@@ -45,8 +45,7 @@ from sample.dpm_solver import sample_dpm_solver
 from sample.guidance import ClassifierFreeGuidance, as_eps_denoiser
 from sample.noise import generators_from_seeds, randn_per_sample
 from sample.timesteps import ddim_timesteps, ddpm_timesteps, dpm_solver_timesteps
-from weights.load import load_pipeline
-from weights.save import save_diffusers, save_ldm
+from weights import load_pipeline, save_diffusers, save_ldm
 from train.checkpoint import (capture_rng_state, checkpoint_name, load_checkpoint, resolve_resume, restore_rng_state,
                               save_checkpoint)
 from train.data_order import IndexStream
@@ -173,6 +172,13 @@ def resolve_config(cfg: ConceptConfig, model: StableDiffusion, device: torch.dev
         raise ValueError("train.concept: --data is required (a COCO folder or JSON file)")
     if cfg.export_ema and not cfg.ema:
         raise ValueError("train.concept: --export-ema needs --ema")
+    for name in ("batch_size", "grad_accum", "log_every", "class_batch_size", "class_steps"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"train.concept: --{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.with_prior and cfg.num_class_images < 1:
+        raise ValueError("train.concept: prior preservation needs --num-class-images >= 1 (or --no-with-prior)")
+    if "{}" not in cfg.prompt_template:
+        raise ValueError(f"train.concept: --prompt-template {cfg.prompt_template!r} needs a {{}} placeholder")
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
