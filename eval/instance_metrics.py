@@ -29,6 +29,11 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+MATCHING_RULE = ("per image, predictions with score >= {threshold} are matched greedily to ground truths of the "
+                 "same class by decreasing mask IoU (pairs with IoU > 0 only; each used once); mean IoU averages "
+                 "the matched pairs; the Hausdorff distance, normalised by the image diagonal, averages over all "
+                 "ground-truth instances with 1.0 for an unmatched one")
+
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     """IoU of two binary (H, W) masks."""
