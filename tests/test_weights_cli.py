@@ -25,9 +25,14 @@ def test_inspect_manifest_prints_family_prediction_components_and_coverage(capsy
 def test_inspect_exit_codes(tmp_path, capsys):
     assert inspect_cli([str(FIXTURES / "manifest_sd21_v_ldm.json.gz")]) == 0
     assert "v_prediction" in capsys.readouterr().out
-    # Unsupported (ControlNet has no loader yet) or unreadable: 2, with the reason.
-    assert inspect_cli(["--manifest", str(FIXTURES / "manifest_controlnet_sd15.json.gz")]) == 2
-    assert "ControlNet" in capsys.readouterr().out
+    # Unsupported or unreadable: 2, with the reason.
+    sdxl = {"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(4)}
+    save_file(sdxl, str(tmp_path / "sdxl.safetensors"))
+    assert inspect_cli([str(tmp_path / "sdxl.safetensors")]) == 2
+    assert "SDXL" in capsys.readouterr().out
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    assert inspect_cli([str(tmp_path / "garbage.safetensors")]) == 2
+    assert "not a readable safetensors file" in capsys.readouterr().out
     # Would not load (a missing key): 1, naming it.
     tensors = {k: v.contiguous() for k, v in save_and_read(tmp_path).items()
                if k != layouts.LDM_UNET + "out.2.bias"}

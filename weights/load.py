@@ -481,6 +481,8 @@ def _family(checkpoint: Checkpoint, plans: Mapping[str, Plan]) -> str:
                                       f"but the text encoder ({text.describes}) says {text_family}")
             return family
         return text_family or "sd1"
+    if text_family is None and "vae" in checkpoint.parts:
+        return "sd1/sd2 (VAE only: both families share it)"
     return text_family or "unknown"
 
 
