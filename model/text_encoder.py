@@ -220,7 +220,9 @@ class TextEncoder(nn.Module):
     def _init_weights(self) -> None:
         """CLIP's initialisation (small embeddings, projection std width^-0.5, temperature 1/0.07),
         so a randomly built model behaves sensibly in tests and toy training; real runs load weights.
-        On the meta device these calls are no-ops."""
+        Skipped on the meta device, where there is nothing to initialise (loaders assign real tensors)."""
+        if self.embeddings.token_embedding.weight.is_meta:
+            return
         nn.init.normal_(self.embeddings.token_embedding.weight, std=0.02)
         nn.init.normal_(self.embeddings.position_embedding.weight, std=0.01)
         if self.config.projection_dim is not None:
