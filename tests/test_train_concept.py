@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import train.concept as concept
 from data.datasets import ConceptDataset
 from data.demo import DemoConfig, make_demo_dataset
+from data.images import read_image
 from data.seeding import derive_seed
 from model.stable_diffusion import StableDiffusion, preset
 from train import checkpoint as ckpt
@@ -27,6 +28,16 @@ from train.monitor import NonFiniteLossError
 from weights.load import load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny networks gain nothing from intra-op threads, and on a shared 2-core machine
+    spinning OpenMP threads slow them several-fold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +138,6 @@ def test_few_steps_finite_and_logged_terms_match_hand_computation(demo_data, cla
     assert losses(result) == [r["loss"] for r in records]
 
 
-@pytest.mark.slow
 def test_overfitting_four_images_drives_the_loss_down(demo_data, tmp_path):
     cfg = tiny_config(demo_data, tmp_path / "run", with_prior=False, steps=25, batch_size=4, lr=3e-3,
                       log_every=5)
@@ -184,7 +194,7 @@ def test_class_images_are_resumable(demo_data, tmp_path, monkeypatch):
     info = concept.DistInfo()
     paths = concept.generate_class_images(model.unet, model.vae, model.text_encoder, model, cfg, info)
     assert [p.name for p in paths] == ["000000.png", "000001.png", "000002.png"]
-    original = paths[1].read_bytes()
+    original = read_image(paths[1]).astype(int)
     paths[1].unlink()
 
     written = []
@@ -192,7 +202,9 @@ def test_class_images_are_resumable(demo_data, tmp_path, monkeypatch):
     monkeypatch.setattr(concept, "write_image_atomic", lambda p, im: (written.append(Path(p).name), real_write(p, im)))
     concept.generate_class_images(model.unet, model.vae, model.text_encoder, model, cfg, info)
     assert written == ["000001.png"]
-    assert paths[1].read_bytes() == original  # image i depends on (seed, i) alone
+    # Image i depends on (seed, i) alone; drawn in a batch of 2 first and alone now, float
+    # rounding of the batched kernels may move a pixel by one 8-bit level.
+    assert abs(read_image(paths[1]).astype(int) - original).max() <= 1
     concept.generate_class_images(model.unet, model.vae, model.text_encoder, model, cfg, info)
     assert written == ["000001.png"]
 

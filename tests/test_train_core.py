@@ -19,7 +19,7 @@ from train.data_order import IndexStream
 from train.ema import EMA
 from train.monitor import MetricsLog, NonFiniteLossError, StopSignal, check_finite, save_image_grid
 from train.optim import build_adamw, lr_multiplier, optimizer_step, param_group
-from train.precision import autocast, cast_frozen, make_grad_scaler
+from train.precision import autocast, cast_frozen, frozen_copy, make_grad_scaler
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,11 @@ def test_precision_helpers():
                                        for p in frozen.parameters())
     with pytest.raises(ValueError, match="precision"):
         make_grad_scaler("fp8", cpu)
+    original = nn.Linear(4, 4)
+    low = frozen_copy(original, torch.bfloat16, cpu)
+    assert low is not original and original.weight.dtype == torch.float32 and original.weight.requires_grad
+    assert low.weight.dtype == torch.bfloat16 and not low.weight.requires_grad
+    assert frozen_copy(original, torch.float32, cpu) is original and not original.weight.requires_grad
 
 
 # ----------------------------------------------------------------------------------- data order

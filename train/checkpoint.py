@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from defectsynth.runconfig import save_config_json
+from defectsynth.runconfig import config_to_dict, save_config_json
 
 MARKER = "COMPLETE"
 WEIGHTS_FILE = "weights.safetensors"
@@ -171,6 +171,28 @@ def load_checkpoint(folder: str | os.PathLike, device: str | torch.device = "cpu
     weights = load_file(str(folder / WEIGHTS_FILE), device=str(device))
     state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
     return weights, state
+
+
+def with_prefix(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{"unet." + key: tensor}: several networks' weights in one checkpoint file."""
+    return {prefix + k: v for k, v in state.items()}
+
+
+def strip_prefix(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of one network from a `with_prefix` dict, prefix removed."""
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
+def check_resume_config(saved: dict[str, Any], cfg: Any, path: str | os.PathLike,
+                        may_change: set[str] | frozenset[str] = frozenset()) -> None:
+    """A resumed run must train the same thing: fields outside `may_change` (bookkeeping such
+    as --steps or logging intervals) must equal the checkpoint's; the error names the others."""
+    current = config_to_dict(cfg)
+    changed = sorted(k for k in current if k not in may_change and saved.get(k) != current[k])
+    if changed:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        raise ValueError(f"--resume {path}: the checkpoint was trained with a different config ({detail}); "
+                         f"start a new --out folder or use the checkpoint's settings")
 
 
 def _fsync(path: Path) -> None:

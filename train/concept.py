@@ -20,12 +20,10 @@ timestep and noise tensor from one generator per rank; their states are in each 
 """
 from __future__ import annotations
 
-import copy
 import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +44,8 @@ from sample.guidance import ClassifierFreeGuidance, as_eps_denoiser
 from sample.noise import generators_from_seeds, randn_per_sample
 from sample.timesteps import ddim_timesteps, ddpm_timesteps, dpm_solver_timesteps
 from weights import load_pipeline, save_diffusers, save_ldm
-from train.checkpoint import (capture_rng_state, checkpoint_name, load_checkpoint, resolve_resume, restore_rng_state,
-                              save_checkpoint)
+from train.checkpoint import (capture_rng_state, check_resume_config, checkpoint_name, load_checkpoint,
+                              resolve_resume, restore_rng_state, save_checkpoint, strip_prefix, with_prefix)
 from train.data_order import IndexStream
 from train.diffusion import diffusion_target, encode_posterior, sample_latents, sample_noise, sample_timesteps
 from train.distributed import (DistInfo, all_reduce_mean, any_rank, assert_replicas_identical, barrier,
@@ -55,15 +53,15 @@ from train.distributed import (DistInfo, all_reduce_mean, any_rank, assert_repli
 from train.ema import EMA
 from train.monitor import MetricsLog, StopSignal, check_finite, progress_bar, save_image_grid
 from train.optim import LR_SCHEDULES, build_adamw, lr_multiplier, optimizer_step, param_group
-from train.precision import PRECISIONS, autocast, make_grad_scaler, precision_dtype
+from train.precision import PRECISIONS, autocast, frozen_copy, make_grad_scaler, precision_dtype
 
 SAMPLERS = {"ddpm": (sample_ddpm, ddpm_timesteps), "ddim": (sample_ddim, ddim_timesteps),
             "dpmpp": (sample_dpm_solver, dpm_solver_timesteps)}
 # Fields that may change between a run and its resumption (they do not change what is trained).
 TERMS = ("loss", "instance_loss", "prior_loss")  # the logged loss terms, in dreambooth_loss order
-RESUMABLE_CHANGES = {"steps", "resume", "progress", "log_every", "checkpoint_every", "keep_last",
+RESUMABLE_CHANGES = frozenset({"steps", "resume", "progress", "log_every", "checkpoint_every", "keep_last",
                      "validate_every", "num_validation_images", "validation_steps", "validation_guidance",
-                     "save_diffusers", "export_ema", "device", "class_batch_size"}
+                     "save_diffusers", "export_ema", "device", "class_batch_size"})
 
 
 @dataclass(frozen=True)
@@ -212,14 +210,6 @@ def check_identifier(model: StableDiffusion, identifier: str) -> None:
                          f"use a rare single-token word such as 'sks'")
 
 
-def frozen_copy(module: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """A frozen module in the run's low dtype on `device`. The float32 original stays untouched
-    (it is what gets exported) unless no cast is needed, in which case it is frozen in place."""
-    if dtype != torch.float32:
-        module = copy.deepcopy(module)
-    return module.requires_grad_(False).eval().to(device=device, dtype=dtype)
-
-
 def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, num_instance: int,
                     prior_loss_weight: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """DreamBooth's loss on a batch of `num_instance` instance rows followed by class rows.
@@ -308,24 +298,10 @@ def posterior_of(indices: list[int], dataset: ConceptDataset, cache: tuple[torch
 
 def trainable_weights(unet: nn.Module, text_encoder: nn.Module | None) -> dict[str, torch.Tensor]:
     """The trained tensors, keyed by network ("unet.", "text_encoder.")."""
-    weights = {f"unet.{k}": v for k, v in unet.state_dict().items()}
+    weights = with_prefix("unet.", unet.state_dict())
     if text_encoder is not None:
-        weights.update({f"text_encoder.{k}": v for k, v in text_encoder.state_dict().items()})
+        weights.update(with_prefix("text_encoder.", text_encoder.state_dict()))
     return weights
-
-
-def strip_prefix(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-
-
-def check_resume_config(saved: dict[str, Any], cfg: ConceptConfig, path: Path) -> None:
-    """A resumed run must train the same thing: only bookkeeping fields may differ."""
-    current = config_to_dict(cfg)
-    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
-    if changed:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
-        raise ValueError(f"--resume {path}: the checkpoint was trained with a different config ({detail}); "
-                         f"start a new --out folder or use the checkpoint's settings")
 
 
 def render_samples(unet: nn.Module, vae: nn.Module, text_context: torch.Tensor, uncond: torch.Tensor,
@@ -412,7 +388,7 @@ def main(cfg: ConceptConfig) -> ConceptResult:
         start_step = 0
         if resume_from is not None:
             weights, state = load_checkpoint(resume_from, device)
-            check_resume_config(state["config"], cfg, resume_from)
+            check_resume_config(state["config"], cfg, resume_from, RESUMABLE_CHANGES)
             if state["world_size"] != info.world_size:
                 raise ValueError(f"--resume {resume_from}: saved with {state['world_size']} processes, "
                                  f"resumed with {info.world_size}; the data order would change")

@@ -7,6 +7,7 @@ encoder) hold no optimizer state and are simply stored in the low dtype.
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 from torch import nn
@@ -40,3 +41,12 @@ def cast_frozen(module: nn.Module, precision: str) -> nn.Module:
     """Freeze `module` (requires_grad off, eval mode) and store it in the run's low dtype."""
     module.requires_grad_(False).eval()
     return module.to(dtype=precision_dtype(precision))
+
+
+def frozen_copy(module: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """A frozen (requires_grad off, eval) `module` in `dtype` on `device`. When a cast is needed
+    the module is copied first, so the float32 original stays exact (it is what gets exported);
+    otherwise it is frozen and moved in place."""
+    if dtype != torch.float32:
+        module = copy.deepcopy(module)
+    return module.requires_grad_(False).eval().to(device=device, dtype=dtype)
