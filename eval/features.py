@@ -8,7 +8,7 @@ features; it is paired with a label that says what the distance is:
 |--------------------|------------------------------------------|-------------------------|
 | `inception`        | FID Inception-v3, published weights      | `FID`                   |
 | `inception-random` | same network, seeded random weights      | `FD-inception-random`   |
-| `pixels`           | 3x16x16 area-downsampled pixels (768-d)  | `FD-pixels`             |
+| `pixels`           | 3x8x8 area-downsampled pixels (192-d)    | `FD-pixels`             |
 | `pkg.mod:factory`  | `factory()` returns any module           | `FD-<factory>`          |
 
 Only `inception` with the published file is FID; every other label starts with "FD-" so a result
@@ -49,9 +49,10 @@ def image_set_paths(source: str | os.PathLike) -> list[Path]:
 
 
 class PixelFeatures(nn.Module):
-    """Area-downsampled pixels as features: (B, 3, H, W) in [0, 1] -> (B, 3 * size * size)."""
+    """Area-downsampled pixels as features: (B, 3, H, W) in [0, 1] -> (B, 3 * size * size).
+    A cheap, weight-free stand-in for experiments and tests (its distance is "FD-pixels")."""
 
-    def __init__(self, size: int = 16) -> None:
+    def __init__(self, size: int = 8) -> None:
         super().__init__()
         self.size = size
 
