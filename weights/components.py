@@ -9,9 +9,10 @@ A `Component` ties together one of our modules and its checkpoint layouts:
 * `config_from_json(config_json, source)`: the config from a diffusers/transformers config.json,
   for component folders whose config.json `_class_name` / `architectures` is in `folder_classes`.
 
-Adding a component (ControlNet: `control_model.*` in LDM files, diffusers `ControlNetModel`
-folders) is one more `Component` in `COMPONENTS` plus its key table in weights/layouts.py; the
-detection, strict loading, coverage report and writers iterate over this registry.
+Adding a component is one more `Component` in `COMPONENTS` plus its key table; the detection,
+strict loading, coverage report and writers iterate over this registry. ControlNet
+(`control_model.*` in LDM files, diffusers `ControlNetModel` folders) is registered this way,
+with its tables in weights/controlnet_keys.py.
 """
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Callable, Mapping
 
+from model.controlnet import ControlNet
 from model.text_encoder import TextEncoder
 from model.unet import UNet
 from model.vae import AutoencoderKL
-from weights import configs, layouts
+from weights import configs, controlnet_keys, layouts
 from weights.keymap import Layout
 
 Shapes = Mapping[str, tuple[int, ...]]
@@ -89,7 +91,8 @@ UNET = Component(
     name="unet", module=UNet,
     signatures=(
         Signature("ldm", layouts.LDM_UNET, ("input_blocks.0.0.weight",), "LDM single file"),
-        Signature("ldm", "", ("input_blocks.0.0.weight", "middle_block.0.in_layers.0.weight"), "LDM UNet state dict"),
+        Signature("ldm", "", ("input_blocks.0.0.weight", "middle_block.0.in_layers.0.weight", "out.2.weight"),
+                  "LDM UNet state dict"),
         Signature("diffusers", "", ("conv_in.weight", "down_blocks.0.resnets.0.conv1.weight", "up_blocks.0.resnets.0.conv1.weight"),
                   "diffusers UNet2DConditionModel"),
     ),
@@ -176,8 +179,20 @@ TEXT_ENCODER = Component(
                   "pytorch_model.fp16.bin"),
 )
 
-# Order matters only for reports; StableDiffusion holds these three as attributes of the same names.
-COMPONENTS: dict[str, Component] = {c.name: c for c in (UNET, VAE, TEXT_ENCODER)}
+# ---------------------------------------------------------------------------------------------
+# ControlNet (not part of StableDiffusion; loaded by weights.load_control). Tables and configs in
+# weights/controlnet_keys.py.
+CONTROLNET = Component(
+    name="controlnet", module=ControlNet,
+    signatures=tuple(Signature(*s) for s in controlnet_keys.SIGNATURES),
+    layout=controlnet_keys.controlnet_layout, infer_config=controlnet_keys.controlnet_config_from_shapes,
+    config_from_json=controlnet_keys.controlnet_config_from_diffusers,
+    folder_classes=("ControlNetModel",),
+    weight_files=UNET.weight_files,
+)
+
+# Order matters only for reports; StableDiffusion holds the first three as attributes of the same names.
+COMPONENTS: dict[str, Component] = {c.name: c for c in (UNET, VAE, TEXT_ENCODER, CONTROLNET)}
 SD_COMPONENTS = ("unet", "vae", "text_encoder")
 
 # Key patterns that mean "a model we do not load", checked before any layout detection.
@@ -189,8 +204,4 @@ UNSUPPORTED_KEYS: tuple[tuple[str, str], ...] = (
     ("label_emb.", "a UNet with label_emb (SDXL-style added conditioning): not supported"),
     ("add_embedding.", "a diffusers UNet with add_embedding (SDXL text_time conditioning): not supported"),
     ("class_embedding.", "a class-conditioned diffusers UNet (x4 upscaler, unCLIP): not supported"),
-    ("control_model.", "ControlNet weights (control_model.*): ControlNet loading is not part of load_pipeline "
-                       "yet (it arrives with model/controlnet.py as load_control)"),
-    ("controlnet_cond_embedding.", "a diffusers ControlNetModel: ControlNet loading is not part of "
-                                   "load_pipeline yet (it arrives with model/controlnet.py as load_control)"),
 )

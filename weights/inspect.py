@@ -1,6 +1,7 @@
 """python -m weights.inspect PATH | --manifest FILE.json [--ema] [--prediction-type ...]
 
-Prints what a checkpoint holds and whether it loads strictly: format, family (SD 1.x / 2.x),
+Prints what a checkpoint holds and whether it loads strictly: format, family (SD 1.x / 2.x; for a
+ControlNet, the family of the base it fits, plus its layout),
 prediction type and how it was decided, each component's layout, config (and where it came from),
 parameter count, and key coverage (matched / missing / shape mismatches / known extras /
 unexpected). Works on meta tensors: no weights are read, so a 4 GB file inspects in a second.
@@ -15,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 
 from defectsynth.runconfig import config_from_args, parser_from_dataclass
+from weights.controlnet import controlnet_summary
 from weights.files import CheckpointError
 from weights.load import LoadInfo, inspect_checkpoint
 
@@ -48,6 +50,8 @@ def main(cfg: InspectConfig) -> int:
         print(f"cannot use {target}:\n{err}")
         return 2
     print(info.summary())
+    if "controlnet" in info.components:
+        print(controlnet_summary(info))
     return 0 if info.ok else 1
 
 

@@ -7,7 +7,8 @@
 How a load works:
 1. `open_checkpoint` recognises the format (single file, diffusers pipeline or component folder,
    manifest) and each component's layout (weights/components.py signatures), and refuses
-   models we do not implement (SDXL, inpainting, ControlNet-only files) with the reason.
+   models we do not implement (SDXL, inpainting) with the reason. ControlNet parts are
+   recognised too (weights/controlnet.py loads them: `load_control`).
 2. The config comes from config.json, from the `defectsynth.sd_config` metadata our own
    `save_ldm` writes, or from the tensor shapes (weights/configs.py).
 3. Each module is built on the meta device; its layout's rules (weights/keymap.py) are checked
@@ -432,10 +433,11 @@ def analyse(checkpoint: Checkpoint, components: tuple[str, ...], ema: bool = Fal
     used: dict[int, set[str]] = {id(f): set() for f in checkpoint.files}
     for plan in plans.values():
         used[id(plan.part.file)].update(k for rule in plan.rules for k in rule.theirs)
+    loaders = ["load_pipeline"] if set(SD_COMPONENTS) <= set(components) else \
+        [f"load_{name}" for name in components if name in SD_COMPONENTS]
+    loaders += ["load_control"] if "controlnet" in components else []
     info = LoadInfo(checkpoint.path, checkpoint.format, "unknown", None, "", ema,
-                    {name: plan.report for name, plan in plans.items()},
-                    "load_pipeline" if tuple(components) == SD_COMPONENTS else
-                    " + ".join(f"load_{name}" for name in components))
+                    {name: plan.report for name, plan in plans.items()}, " + ".join(loaders))
     for name in missing_components:
         found = sorted(checkpoint.parts)
         info.components[name] = ComponentReport(name, "absent", None, "", errors=[
@@ -469,6 +471,9 @@ def _family(checkpoint: Checkpoint, plans: Mapping[str, Plan]) -> str:
     """SD 1.x vs 2.x: the UNet's context width (768 / 1024), else the text encoder layout."""
     unet = checkpoint.parts.get("unet")
     text = checkpoint.parts.get("text_encoder")
+    control = checkpoint.parts.get("controlnet")
+    if unet is None and text is None and control is not None and control.config is not None:
+        return family_of_context(control.config.unet.context_dim)  # the base a ControlNet alone was made for
     text_family = None
     if text is not None and text.config is not None:
         text_family = "sd2" if (text.layout_kind == "openclip" or text.config.activation == "gelu") else "sd1"
@@ -612,8 +617,11 @@ def inspect_checkpoint(path: str | Path, ema: bool = False, prediction_type: str
     # An SD single file (LDM prefixes) or a diffusers pipeline folder is judged as load_pipeline
     # would (all three components needed); a bare component (a diffusers unet/ state dict, a VAE
     # file, a text encoder) as load_unet / load_vae / load_text_encoder would.
-    pipeline = checkpoint.format == "diffusers folder" or any(p.prefix.startswith(("model.", "first_stage_model.", "cond_stage_model."))
-                                                             for p in checkpoint.parts.values())
-    wanted = SD_COMPONENTS if pipeline else tuple(checkpoint.parts)
+    # A ControlNet 1.0 full file (SD + control_model.*) is judged as both loads.
+    pipeline = checkpoint.format == "diffusers folder" or any(
+        p.prefix.startswith(("model.", "first_stage_model.", "cond_stage_model."))
+        for name, p in checkpoint.parts.items() if name in SD_COMPONENTS)
+    wanted = SD_COMPONENTS + tuple(n for n in checkpoint.parts if n not in SD_COMPONENTS) if pipeline \
+        else tuple(checkpoint.parts)
     info, _ = analyse(checkpoint, wanted, ema=ema, prediction_type=prediction_type)
     return info
