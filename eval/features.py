@@ -122,7 +122,8 @@ def extract_features(paths: Sequence[str | os.PathLike], extractor: Extractor, b
         batch = torch.stack([load_resized(p, extractor.input_size) for p in paths[start:start + batch_size]])
         features = extractor.module(batch.to(device))
         if features.dim() != 2:
-            raise ValueError(f"feature extractor {extractor.label}: expected (B, D) output, got {tuple(features.shape)}")
+            raise ValueError(f"feature extractor {extractor.label}: expected (B, D) output, "
+                             f"got {tuple(features.shape)}")
         chunks.append(features.double().cpu().numpy())
     if not chunks:
         raise ValueError("extract_features: no images")

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.coco import annotations_by_image, decode_instances, load_coco, save_coco, split_coco, subset_coco
+from data.coco import load_coco, save_coco, split_coco, subset_coco
 from data.files import atomic_path, write_json_atomic
 from data.masks import mask_to_rle
 from data.seeding import derive_seed
@@ -61,7 +61,8 @@ class MaskRCNNConfig:
     split_seed: int = field(default=0, metadata={"help": "seed of the train/test split"})
     out: str = field(default="runs/maskrcnn", metadata={"help": "output folder"})
     experiments: tuple[str, ...] = field(default=EXPERIMENTS, metadata={"help": f"subset of {list(EXPERIMENTS)}"})
-    real_fractions: tuple[float, ...] = field(default=(1.0, 0.1), metadata={"help": "fractions of the real training images"})
+    real_fractions: tuple[float, ...] = field(default=(1.0, 0.1), metadata={
+        "help": "fractions of the real training images"})
     seeds: tuple[int, ...] = field(default=(0,), metadata={"help": "one repeat per seed"})
     iterations: int = field(default=2000, metadata={"help": "optimizer steps per training phase"})
     batch_size: int = field(default=2, metadata={"help": "images per step"})
@@ -69,7 +70,8 @@ class MaskRCNNConfig:
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     weight_decay: float = field(default=1e-4, metadata={"help": "SGD weight decay"})
     warmup_iterations: int = field(default=100, metadata={"help": "linear warm-up from lr/1000"})
-    lr_decay_at: tuple[float, ...] = field(default=(0.75,), metadata={"help": "fractions of --iterations where lr *= 0.1"})
+    lr_decay_at: tuple[float, ...] = field(default=(0.75,), metadata={
+        "help": "fractions of --iterations where lr *= 0.1"})
     grad_clip: float = field(default=10.0, metadata={"help": "gradient-norm clip (0: off)"})
     min_size: int = field(default=512, metadata={"help": "detector resize: shorter side"})
     max_size: int = field(default=512, metadata={"help": "detector resize: longest side cap"})

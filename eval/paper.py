@@ -58,7 +58,8 @@ class PaperConfig:
     data: str = field(default="", metadata={"help": "real annotated COCO json (tables 1, 2; real set of FID)"})
     synthetic: str | None = field(default=None, metadata={"help": "our synthetic (SADF) COCO json"})
     test: str | None = field(default=None, metadata={"help": "held-out real COCO json; default: split off --data"})
-    baseline: str | None = field(default=None, metadata={"help": "table 3: inpainting-baseline samples grouped by condition"})
+    baseline: str | None = field(default=None, metadata={
+        "help": "table 3: inpainting-baseline samples grouped by condition"})
     diversity_samples: str | None = field(default=None, metadata={
         "help": "table 3: our samples grouped by condition (default: --synthetic)"})
     synthetic_no_concept: str | None = field(default=None, metadata={
@@ -117,7 +118,8 @@ class Distances:
         except InceptionWeightsNotFound as err:
             self.error = str(err)
 
-    def _cap(self, paths: list[Path], what: str) -> list[Path]:
+    def _cap(self, paths: list[Path]) -> list[Path]:
+        """At most --fid-max-images paths (a seeded subset, in the original order)."""
         cap = self.cfg.fid_max_images
         if cap is None or len(paths) <= cap:
             return paths
@@ -135,9 +137,9 @@ class Distances:
         if not cfg.data:
             return _not_run("no --data (the real set) given")
         if self.real is None:
-            self.real = extract_features(self._cap(image_set_paths(cfg.data), "real"), self.extractor,
+            self.real = extract_features(self._cap(image_set_paths(cfg.data)), self.extractor,
                                          cfg.fid_batch_size, cfg.device, cfg.progress, "real features")
-        fake = extract_features(self._cap(paths, what), self.extractor, cfg.fid_batch_size, cfg.device,
+        fake = extract_features(self._cap(paths), self.extractor, cfg.fid_batch_size, cfg.device,
                                 cfg.progress, f"{what} features")
         return distance_from_features(self.real, fake, self.extractor.label, cfg.kid, cfg.kid_subsets,
                                       cfg.kid_subset_size, cfg.seed).as_dict()
@@ -149,7 +151,8 @@ def run_detection_tables(cfg: PaperConfig, out: Path) -> dict[str, Any]:
 
     fractions = tuple(f for t, f in (("1", 1.0), ("2", cfg.real_fraction)) if t in cfg.tables)
     mcfg = MaskRCNNConfig(real=cfg.data, synthetic=cfg.synthetic, test=cfg.test, test_fraction=cfg.test_fraction,
-                          split_seed=cfg.seed, out=str(out / "maskrcnn"), real_fractions=tuple(dict.fromkeys(fractions)),
+                          split_seed=cfg.seed, out=str(out / "maskrcnn"),
+                          real_fractions=tuple(dict.fromkeys(fractions)),
                           seeds=cfg.seeds, iterations=cfg.iterations, batch_size=cfg.batch_size, lr=cfg.lr,
                           min_size=cfg.min_size, max_size=cfg.max_size, init_weights=cfg.init_weights,
                           rois_per_image=cfg.rois_per_image, detections_per_image=cfg.detections_per_image,
@@ -177,7 +180,7 @@ def detection_markdown(table: dict[str, Any]) -> str:
     rows = []
     for row in table["rows"]:
         e, p = row["entry"], row["paper"]
-        paper = [fmt(p.get(k), 2 if k != "iou" else 1) if k in p else "—" for k in ("segm_map", "bbox_map", "iou", "hd")]
+        paper = [fmt(p[k], 1 if k == "iou" else 2) if k in p else "—" for k in ("segm_map", "bbox_map", "iou", "hd")]
         if "not_run" in e:
             rows.append([row["training data"], f"not run: {e['not_run']}", "—", "—", "—", "—", *paper])
             continue
@@ -214,8 +217,9 @@ def diversity_table(cfg: PaperConfig, distances: Distances) -> dict[str, Any]:
     from eval.diversity import run_diversity
 
     rows = []
-    for name, source, missing in (("ours", cfg.diversity_samples or cfg.synthetic, "no --synthetic or --diversity-samples"),
-                                  ("inpainting baseline", cfg.baseline, "no --baseline given")):
+    inputs = (("ours", cfg.diversity_samples or cfg.synthetic, "no --synthetic or --diversity-samples"),
+              ("inpainting baseline", cfg.baseline, "no --baseline given"))
+    for name, source, missing in inputs:
         row: dict[str, Any] = {"method": name, "paper": PAPER["table3"][name], "source": source}
         if source is None:
             row["entry"] = _not_run(missing)
@@ -257,8 +261,8 @@ def diversity_markdown(table: dict[str, Any]) -> str:
             rows.append([row["method"], f"not run: {e['not_run']}", "—", "—", "—", "—", *paper])
             continue
         definition = e["definition"]
-        rows.append([row["method"], f"{e['mean_l2']:.2f} ± {e['std_l2']:.2f}", f"{e['mean_mi']:.3f} ± {e['std_mi']:.3f}",
-                     *_distance_cells(e["distance"]), *paper])
+        rows.append([row["method"], f"{e['mean_l2']:.2f} ± {e['std_l2']:.2f}",
+                     f"{e['mean_mi']:.3f} ± {e['std_mi']:.3f}", *_distance_cells(e["distance"]), *paper])
     text = markdown_table(headers, rows)
     if definition:
         text += f"\n\nDefinitions: {definition} (eval.diversity). FID of the m x k samples against the real set."

@@ -1,6 +1,5 @@
 """Mask R-CNN benchmark: a few from-scratch CPU steps on a tiny fixture, evaluation, exact resume."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
