@@ -94,13 +94,18 @@ class InstanceDataset(torch.utils.data.Dataset):
         pairs = [(m, c) for m, c in pairs if m.any()]
         return [m for m, _ in pairs], [c for _, c in pairs]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    def image(self, index: int) -> torch.Tensor:
+        """Image `index` as float32 (3, H, W) RGB in [0, 1]."""
         record = self.images[index]
         pixels = read_image(record["file_name"])  # uint8 (H, W, 3) RGB
         if pixels.shape[:2] != (record["height"], record["width"]):
             raise ValueError(f"{record['file_name']}: image is {pixels.shape[1]}x{pixels.shape[0]} (w x h), "
                              f"the COCO record says {record['width']}x{record['height']}")
-        image = torch.from_numpy(pixels).permute(2, 0, 1).float().div(255.0)  # (H, W, 3) -> (3, H, W)
+        return torch.from_numpy(pixels).permute(2, 0, 1).float().div(255.0)  # (H, W, 3) -> (3, H, W)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        record = self.images[index]
+        image = self.image(index)
         masks, categories = self.instances(index)
         target = target_from_masks(masks, [self.label_of[c] for c in categories],
                                    record["height"], record["width"], record["id"])

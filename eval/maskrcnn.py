@@ -259,9 +259,8 @@ def evaluate_model(model: torch.nn.Module, test: InstanceDataset, label_map: Lab
     accumulator = InstanceAccumulator(score_threshold=score_threshold)
     detections = []
     for index in tqdm(range(len(test)), desc="evaluate", disable=not progress):
-        image, _ = test[index]
         record = test.images[index]
-        out = model([image.to(device)])[0]
+        out = model([test.image(index).to(device)])[0]
         masks = (out["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8)  # (P, 1, H, W) probabilities -> (P, H, W)
         boxes, scores = out["boxes"].cpu().numpy(), out["scores"].cpu().numpy()
         cats = [cat_of_label[int(label)] for label in out["labels"].cpu()]
