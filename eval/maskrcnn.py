@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from data.coco import load_coco, save_coco, split_coco, subset_coco
-from data.files import atomic_path, write_json_atomic
+from data.files import atomic_path, write_bytes_atomic, write_json_atomic
 from data.masks import mask_to_rle
 from data.seeding import derive_seed
 from defectsynth.runconfig import config_from_args, config_to_dict, parser_from_dataclass
@@ -208,12 +208,16 @@ def train_phase(phase_dir: Path, dataset: InstanceDataset, num_classes: int, cfg
         optimizer.load_state_dict(state["optimizer"])
         start, losses, seconds = state["step"], state["losses"], state["seconds"]
         torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
 
     def save_checkpoint(step: int) -> None:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "losses": losses,
+                 "seconds": seconds, "rng": torch.get_rng_state(), "signature": signature}
+        if device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(device)
         with atomic_path(checkpoint) as tmp:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                        "losses": losses, "seconds": seconds, "rng": torch.get_rng_state(),
-                        "signature": signature}, tmp)
+            torch.save(state, tmp)
 
     bar = tqdm(range(start, cfg.iterations), desc=phase_dir.name, disable=not cfg.progress,
                initial=start, total=cfg.iterations)
@@ -245,7 +249,7 @@ def train_phase(phase_dir: Path, dataset: InstanceDataset, num_classes: int, cfg
     write_json_atomic(phase_dir / "train.json", {"signature": signature, "losses": losses,
                                                  "train_seconds": seconds, "seconds_per_step": seconds / steps_run},
                       indent=1)
-    (phase_dir / DONE).write_text("done\n")  # the completion marker, written last
+    write_bytes_atomic(phase_dir / DONE, b"done\n")  # the completion marker, written last
     checkpoint.unlink(missing_ok=True)
     return final, model
 
