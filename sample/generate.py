@@ -1,0 +1,191 @@
+"""Text-to-image and driver-to-image generation from the command line.
+
+    python -m sample.generate --ckpt weights/checkpoints/v1-5-pruned-emaonly.safetensors \\
+        --prompt "an image of a sks" --num 8 --batch 4 --out runs/generate
+    python -m sample.generate --ckpt runs/concept/concept.safetensors --prompt "an image of a sks with a crack" \\
+        --control runs/condition/control.safetensors --hint driver.png --control-scale 1.0 --out runs/driven
+    python -m sample.generate --preset tiny --random-weights --prompt "test" --out /tmp/smoke   # no checkpoint
+
+Writes, in OUT:
+    000000.png, 000001.png, ...   one image per sample (`--num`), written atomically
+    grid.png                      the contact sheet of all samples (`--no-grid` to skip)
+    generate.json                 the resolved run config and every sample's seed
+
+Sample i is drawn from the seed derive_seed(--seed, "sample", i) with its own generator, so it is
+the same image whatever `--batch` is (up to the last-bit differences of batch-size-dependent
+convolution kernels) and can be regenerated alone. The model runs on `--device` in `--dtype`
+(auto: bf16 on CUDA, fp32 on CPU); the sampler maths stays float32.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import cv2
+import torch
+from torchvision.utils import make_grid
+from tqdm.auto import tqdm
+
+from data.files import write_image_atomic, write_json_atomic
+from data.images import read_image
+from data.seeding import derive_seed
+from defectsynth.runconfig import config_from_args, config_to_dict, parser_from_dataclass
+from model.stable_diffusion import PRESETS
+from sample.pipeline import SAMPLERS, generate, random_pipeline
+from weights import load_control, load_pipeline
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Generate images from a prompt, optionally driven by a ControlNet and a hint image."""
+
+    # ---- model
+    ckpt: str = field(default="", metadata={"help": "SD checkpoint: single .safetensors/.ckpt file or diffusers folder"})
+    preset: str = field(default="tiny", metadata={"help": "architecture for --random-weights",
+                                                  "choices": sorted(PRESETS)})
+    random_weights: bool = field(default=False, metadata={
+        "help": "random weights of --preset instead of --ckpt (smoke tests, CPU demos)"})
+    prediction_type: str = field(default="auto", metadata={
+        "help": "override the model's prediction type", "choices": ["auto", "epsilon", "v_prediction"]})
+    # ---- what to draw
+    prompt: str = field(default="", metadata={"help": "text prompt"})
+    negative_prompt: str = field(default="", metadata={"help": "unconditional prompt of classifier-free guidance"})
+    num: int = field(default=4, metadata={"help": "images to generate"})
+    batch: int = field(default=4, metadata={"help": "images per forward pass"})
+    seed: int = field(default=0, metadata={"help": "run seed; sample i uses derive_seed(seed, 'sample', i)"})
+    height: int = field(default=0, metadata={"help": "image height in pixels, a multiple of 64 "
+                                                     "(0: the hint's, else the model's native size)"})
+    width: int = field(default=0, metadata={"help": "image width in pixels (0: as --height)"})
+    # ---- sampler
+    sampler: str = field(default="ddim", metadata={"help": "sampler", "choices": sorted(SAMPLERS)})
+    steps: int = field(default=20, metadata={"help": "sampler steps"})
+    guidance: float = field(default=7.5, metadata={"help": "classifier-free guidance scale (1: none)"})
+    eta: float = field(default=0.0, metadata={"help": "DDIM eta (0: deterministic)"})
+    # ---- control
+    control: str = field(default="", metadata={"help": "ControlNet file or diffusers ControlNetModel folder"})
+    hint: str = field(default="", metadata={"help": "hint image (the driver) for --control"})
+    control_scale: float = field(default=1.0, metadata={"help": "multiplies the control residuals"})
+    guess_mode: bool = field(default=False, metadata={"help": "ControlNet guess mode (residual ramp, "
+                                                              "no control on the unconditional half)"})
+    # ---- run
+    dtype: str = field(default="auto", metadata={"help": "model dtype (auto: bf16 on CUDA, fp32 on CPU)",
+                                                 "choices": ["auto", *DTYPES]})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
+    out: str = field(default="", metadata={"help": "output folder (required)"})
+    grid: bool = field(default=True, metadata={"help": "also write grid.png"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+
+@dataclass
+class GenerateResult:
+    images: list[Path]
+    grid: Path | None
+    seeds: list[int]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return DTYPES[name]
+
+
+def read_hint(path: str, height: int, width: int) -> torch.Tensor:
+    """The hint image as float32 (1, 3, H, W) in [0, 1]; resized (nearest: drivers are label maps
+    painted in class colours, which interpolation would blend) when its size differs."""
+    image = read_image(path)  # uint8 (h, w, 3) RGB
+    if image.shape[:2] != (height, width):
+        image = cv2.resize(image, (width, height), interpolation=cv2.INTER_NEAREST)
+    return torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0  # (H, W, 3) -> (1, 3, H, W)
+
+
+def image_size(cfg: GenerateConfig, native: int) -> tuple[int, int]:
+    """(height, width): the flags, else the hint's size, else the model's native size."""
+    if cfg.height or cfg.width:
+        return cfg.height or cfg.width, cfg.width or cfg.height
+    if cfg.hint:
+        h, w = read_image(cfg.hint).shape[:2]
+        return h, w
+    return native, native
+
+
+def to_uint8(image: torch.Tensor):
+    """(3, H, W) in [0, 1] -> uint8 (H, W, 3) numpy."""
+    return (image.float().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+def main(cfg: GenerateConfig) -> GenerateResult:
+    if not cfg.out:
+        raise ValueError("sample.generate: --out is required")
+    if not cfg.random_weights and not cfg.ckpt:
+        raise ValueError("sample.generate: give --ckpt (or --random-weights with --preset)")
+    if bool(cfg.control) != bool(cfg.hint):
+        raise ValueError("sample.generate: --control and --hint go together")
+    for name in ("num", "batch", "steps"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"sample.generate: --{name} must be at least 1, got {getattr(cfg, name)}")
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    prediction_type = None if cfg.prediction_type == "auto" else cfg.prediction_type
+
+    if cfg.random_weights:
+        overrides = {} if prediction_type is None else {"prediction_type": prediction_type}
+        sd = random_pipeline(cfg.preset, cfg.seed, **overrides).to(device=device, dtype=dtype)
+    else:
+        sd, info = load_pipeline(cfg.ckpt, device=device, dtype=dtype, prediction_type=prediction_type,
+                                 return_info=True)
+        print(f"loaded {cfg.ckpt}: {info.family}, prediction type {info.prediction_type} ({info.prediction_reason})")
+    height, width = image_size(cfg, sd.config.image_size)
+    control, hint = None, None
+    if cfg.control:
+        control = load_control(cfg.control, unet=sd.unet).eval()
+        hint = read_hint(cfg.hint, height, width)
+    cfg = replace(cfg, height=height, width=width, dtype={v: k for k, v in DTYPES.items()}[dtype], device=str(device),
+                  prediction_type=sd.prediction_type)
+
+    out = Path(cfg.out)
+    seeds = [derive_seed(cfg.seed, "sample", i) for i in range(cfg.num)]
+    paths = [out / f"{i:06d}.png" for i in range(cfg.num)]
+    write_json_atomic(out / "generate.json", {"config": config_to_dict(cfg), "seeds": seeds}, indent=2)
+    images = []
+    bar = tqdm(total=cfg.num * cfg.steps, desc="denoising steps", disable=not cfg.progress)
+    for start in range(0, cfg.num, cfg.batch):
+        batch_seeds = seeds[start:start + cfg.batch]
+        batch = generate(sd, cfg.prompt, seeds=batch_seeds, negative_prompts=cfg.negative_prompt,
+                         sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, eta=cfg.eta,
+                         height=height, width=width, control=control, hints=hint,
+                         control_scale=cfg.control_scale, guess_mode=cfg.guess_mode,
+                         on_step=lambda n=len(batch_seeds): bar.update(n))
+        for path, image in zip(paths[start:start + cfg.batch], batch):
+            write_image_atomic(path, to_uint8(image))
+        images.append(batch.cpu())
+    bar.close()
+    grid_path = None
+    if cfg.grid:
+        grid_path = out / "grid.png"
+        images_all = torch.cat(images)  # (N, 3, H, W)
+        nrow = min(cfg.num, max(1, round(cfg.num ** 0.5)))
+        write_image_atomic(grid_path, to_uint8(make_grid(images_all, nrow=nrow, padding=2, pad_value=1.0)))
+    print(f"wrote {len(paths)} images{' and grid.png' if grid_path else ''} to {out}")
+    return GenerateResult(paths, grid_path, seeds)
+
+
+def get_args_parser():
+    return parser_from_dataclass(GenerateConfig, prog="python -m sample.generate")
+
+
+def cli(argv: list[str] | None = None) -> int:
+    main(config_from_args(GenerateConfig, get_args_parser().parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
