@@ -37,6 +37,9 @@ class SpeedOptions:
     repeats: int = field(default=3, metadata={"help": "timed runs per implementation (median reported)"})
     warmup: int = field(default=1, metadata={"help": "untimed runs first (allocator, kernel selection)"})
     seed: int = field(default=0, metadata={"help": "seed for the random weights and inputs"})
+    clock: str = field(default="wall", metadata={
+        "help": "wall: elapsed time; process: CPU time of this process (steadier on a shared CPU "
+                "machine, meaningless for CUDA)", "choices": ["wall", "process"]})
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,11 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_ms(runs: dict[str, Callable[[], object]], device: str, warmup: int, repeats: int) -> dict[str, float]:
-    """Median wall time in ms of each zero-argument callable, run alternately after warm-up."""
+def median_ms(runs: dict[str, Callable[[], object]], device: str, warmup: int, repeats: int,
+              clock: str = "wall") -> dict[str, float]:
+    """Median time in ms of each zero-argument callable, run alternately after warm-up.
+    clock "wall" is elapsed time, "process" the CPU time of this process (all its threads)."""
+    now = time.perf_counter if clock == "wall" else time.process_time
     for fn in runs.values():
         for _ in range(warmup):
             fn()
@@ -58,10 +64,10 @@ def median_ms(runs: dict[str, Callable[[], object]], device: str, warmup: int, r
     for _ in range(repeats):
         for name, fn in runs.items():
             synchronize(device)
-            start = time.perf_counter()
+            start = now()
             fn()
             synchronize(device)
-            times[name].append((time.perf_counter() - start) * 1000.0)
+            times[name].append((now() - start) * 1000.0)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -86,8 +92,9 @@ def bench_unet(cfg: SpeedConfig) -> dict:
         ours = load_unet(folder).eval()
     if ours.config != UNetConfig.sd15():
         raise RuntimeError(f"eval.speed unet: the loaded UNet is not SD 1.5: {ours.config}")
-    reference.to(device, dtype)
-    ours.to(device, dtype)
+    if (device.type, dtype) != ("cpu", torch.float32):  # diffusers warns on any .to(dtype)
+        reference.to(device, dtype)
+        ours.to(device, dtype)
 
     g = torch.Generator().manual_seed(cfg.seed + 1)
     x = torch.randn(cfg.batch, 4, cfg.latent, cfg.latent, generator=g).to(device, dtype)
@@ -98,13 +105,14 @@ def bench_unet(cfg: SpeedConfig) -> dict:
         diff = (ours(x, t, context).float() - reference(x, t, context).sample.float()).abs().max().item()
         ms = median_ms({"ours": lambda: ours(x, t, context),
                         "reference": lambda: reference(x, t, context)},
-                       cfg.device, cfg.warmup, cfg.repeats)
+                       cfg.device, cfg.warmup, cfg.repeats, cfg.clock)
     result = {"benchmark": "unet", "device": cfg.device, "dtype": cfg.dtype, "batch": cfg.batch,
-              "latent": cfg.latent, "ours_ms": ms["ours"], "reference_ms": ms["reference"],
+              "latent": cfg.latent, "clock": cfg.clock, "ours_ms": ms["ours"], "reference_ms": ms["reference"],
               "ratio": ms["ours"] / ms["reference"], "max_abs_diff": diff}
     print(f"unet sd15 {cfg.device} {cfg.dtype} batch {cfg.batch} latent {cfg.latent}: "
           f"ours {ms['ours']:.1f} ms, diffusers {ms['reference']:.1f} ms, "
-          f"ours/diffusers {result['ratio']:.3f} (median of {cfg.repeats}; max |diff| {diff:.2e})")
+          f"ours/diffusers {result['ratio']:.3f} ({cfg.clock} time, median of {cfg.repeats}; "
+          f"max |diff| {diff:.2e})")
     return result
 
 
@@ -112,6 +120,71 @@ def bench_unet(cfg: SpeedConfig) -> dict:
 BENCHMARKS: dict[str, tuple[Callable[[SpeedConfig], dict], str]] = {
     "unet": (bench_unet, "SD 1.5 UNet forward, ours vs diffusers (same weights)"),
 }
+
+
+# ----------------------------------------------------------------------------------------------
+# t2i: whole text-to-image generation (sample.pipeline.generate vs diffusers' StableDiffusionPipeline)
+# ----------------------------------------------------------------------------------------------
+
+T2I_STEPS, T2I_GUIDANCE, T2I_PROMPT = 20, 7.5, "an image of a sks metal surface with a crack"
+
+
+def bench_t2i(cfg: SpeedConfig) -> dict:
+    """Text-to-image, per image: ours (sample.pipeline.generate) vs diffusers' StableDiffusionPipeline,
+    both from the same random weights: our model is written with weights.save_diffusers and diffusers
+    loads that folder (its DDIM scheduler config: "leading" spacing, steps_offset 1 = our ddim_timesteps).
+    DDIM, 20 steps, CFG 7.5, the same prompt, batch and per-sample CPU generators (so the same x_T).
+
+    CPU: the tiny preset (the SD 1.5 pipeline needs minutes per image on a few cores), e.g.
+        python -m eval.speed t2i --latent 8 --batch 4 --clock process
+    CUDA: the SD 1.5 architecture at --latent * 8 pixels, e.g. the reference setting
+        python -m eval.speed t2i --device cuda --dtype bf16 --batch 8 --latent 64 --repeats 3
+    """
+    from diffusers import StableDiffusionPipeline
+
+    from sample.pipeline import generate, random_pipeline
+    from weights import save_diffusers
+
+    dtype, device = DTYPES[cfg.dtype], torch.device(cfg.device)
+    preset_name = "sd15" if device.type == "cuda" else "tiny"
+    size = cfg.latent * 8
+    ours = random_pipeline(preset_name, seed=cfg.seed)  # every weight random, zero-init layers included
+    with tempfile.TemporaryDirectory() as folder:
+        save_diffusers(ours, folder, dtype=dtype)
+        reference = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None,
+                                                            feature_extractor=None)
+    ours.to(device=device, dtype=dtype)
+    reference.to(device)
+    reference.set_progress_bar_config(disable=True)
+    seeds = [cfg.seed * 1000 + i for i in range(cfg.batch)]
+
+    def run_ours() -> torch.Tensor:
+        return generate(ours, T2I_PROMPT, seeds=seeds, sampler="ddim", steps=T2I_STEPS, guidance=T2I_GUIDANCE,
+                        height=size, width=size)
+
+    def run_reference() -> torch.Tensor:
+        generators = [torch.Generator().manual_seed(s) for s in seeds]  # CPU, one per sample, as ours
+        return reference([T2I_PROMPT] * cfg.batch, height=size, width=size, num_inference_steps=T2I_STEPS,
+                         guidance_scale=T2I_GUIDANCE, generator=generators, output_type="pt").images
+
+    with torch.inference_mode():
+        diff = (run_ours().float() - run_reference().float()).abs().max().item()  # images in [0, 1]
+        ms = median_ms({"ours": run_ours, "reference": run_reference}, cfg.device, cfg.warmup, cfg.repeats,
+                       cfg.clock)
+    per_image = {name: value / cfg.batch for name, value in ms.items()}
+    result = {"benchmark": "t2i", "preset": preset_name, "device": cfg.device, "dtype": cfg.dtype,
+              "batch": cfg.batch, "size": size, "steps": T2I_STEPS, "sampler": "ddim", "clock": cfg.clock,
+              "ours_ms_per_image": per_image["ours"], "reference_ms_per_image": per_image["reference"],
+              "ratio": ms["ours"] / ms["reference"], "max_abs_image_diff": diff}
+    print(f"t2i {preset_name} {cfg.device} {cfg.dtype} {size}x{size} batch {cfg.batch}, DDIM {T2I_STEPS} steps, "
+          f"CFG {T2I_GUIDANCE}: ours {per_image['ours']:.1f} ms/image, diffusers {per_image['reference']:.1f} "
+          f"ms/image, ours/diffusers {result['ratio']:.3f} ({cfg.clock} time, median of {cfg.repeats}; "
+          f"max |image diff| {diff:.2e})")
+    return result
+
+
+BENCHMARKS["t2i"] = (bench_t2i, "text-to-image per image (tiny on CPU, SD 1.5 on CUDA), ours vs diffusers' "
+                                "StableDiffusionPipeline (same weights, DDIM 20 steps, CFG 7.5)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,6 +204,8 @@ def main(cfg: SpeedConfig) -> dict:
         raise ValueError(f"eval.speed: unknown benchmark {cfg.benchmark!r}; expected one of {sorted(BENCHMARKS)}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("eval.speed: --device cuda but torch.cuda.is_available() is False")
+    if cfg.clock == "process" and cfg.device == "cuda":
+        raise ValueError("eval.speed: --clock process measures CPU time; use --clock wall with --device cuda")
     if cfg.repeats < 1:
         raise ValueError(f"eval.speed: --repeats must be at least 1, got {cfg.repeats}")
     bench, _ = BENCHMARKS[cfg.benchmark]

@@ -222,15 +222,14 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Feature map -> tokens -> transformer blocks -> feature map, with an outer residual.
 
-    x (B, C, H, W), context (B, T, D) -> (B, C, H, W). SD 1.x projects in/out with 1x1 convs
-    on the map, SD 2.x with Linears on the tokens (`use_linear_proj`); the weights differ only in
-    shape ([C, C, 1, 1] vs [C, C]). proj_out is zero-initialised as in LDM.
+    x (B, C, H, W), context (B, T, D) -> (B, C, H, W). SD 1.x checkpoints hold proj_in/proj_out
+    as 1x1 convs ([C, C, 1, 1]), SD 2.x as Linears ([C, C], `use_linear_proj`); the maths is the
+    same and forward runs both as Linears on the tokens. proj_out is zero-initialised as in LDM.
     """
 
     def __init__(self, channels: int, heads: int, context_dim: int, depth: int,
                  use_linear_proj: bool, groups: int):
         super().__init__()
-        self.use_linear_proj = use_linear_proj
         self.norm = GroupNorm32(groups, channels, eps=TRANSFORMER_NORM_EPS)
         if use_linear_proj:
             self.proj_in = nn.Linear(channels, channels)
@@ -245,21 +244,17 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        h = self.norm(x)
-        if not self.use_linear_proj:
-            h = self.proj_in(h)
         # Tokens contiguous in (B, L, C): LayerNorm and the Linears then read rows, not strides.
-        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, C, H, W) -> (B, HW, C)
-        if self.use_linear_proj:
-            h = self.proj_in(h)
+        h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, C, H, W) -> (B, HW, C)
+        # A 1x1 conv on the map is a Linear on the tokens, so both projection kinds run as Linears
+        # (weight.flatten(1): [C, C, 1, 1] or [C, C] -> [C, C]). On CPU this is a plain GEMM instead
+        # of a 1x1 convolution with its layout conversions, and it saves the copy back to NCHW
+        # that a conv proj_out would need.
+        h = F.linear(h, self.proj_in.weight.flatten(1), self.proj_in.bias)  # (B, HW, C)
         for block in self.transformer_blocks:
             h = block(h, context)
-        if self.use_linear_proj:
-            h = self.proj_out(h)
-        h = h.view(B, H, W, C).permute(0, 3, 1, 2)  # (B, HW, C) -> (B, C, H, W) (a strided view)
-        if not self.use_linear_proj:
-            h = self.proj_out(h.contiguous())  # the 1x1 conv wants a dense NCHW input
-        return x + h
+        h = F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)  # (B, HW, C)
+        return x + h.view(B, H, W, C).permute(0, 3, 1, 2)  # (B, HW, C) -> (B, C, H, W), a strided view
 
 
 class Downsample(nn.Module):

@@ -233,12 +233,17 @@ def load_through_our_loader(ref, folder):
     return load_unet(str(folder)).eval()
 
 
-@pytest.mark.parametrize("diffusers_config,preset", [(DIFFUSERS_TINY_SD1, UNetConfig.tiny()),
-                                                     (DIFFUSERS_TINY_SD2, UNetConfig.tiny_sd2())],
-                         ids=["sd1", "sd2"])
-def test_parity_with_diffusers_tiny(tmp_path, diffusers_config, preset):
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def tiny_pair(request, tmp_path_factory):
+    """(reference, ours, preset): a random tiny diffusers UNet and the same weights in ours."""
+    diffusers_config, preset = {"sd1": (DIFFUSERS_TINY_SD1, UNetConfig.tiny()),
+                                "sd2": (DIFFUSERS_TINY_SD2, UNetConfig.tiny_sd2())}[request.param]
     ref = random_reference_unet(0, **diffusers_config)
-    ours = load_through_our_loader(ref, tmp_path / "unet")
+    return ref, load_through_our_loader(ref, tmp_path_factory.mktemp("unet")), preset
+
+
+def test_parity_with_diffusers_tiny(tiny_pair):
+    ref, ours, preset = tiny_pair
     assert ours.config == preset  # our tiny presets are exactly these reference configs
     x, t, context = tiny_inputs(preset, batch=3)
     with torch.no_grad():
@@ -248,12 +253,11 @@ def test_parity_with_diffusers_tiny(tmp_path, diffusers_config, preset):
     assert (out - expected).abs().max() <= TINY_ATOL
 
 
-def test_control_residuals_match_diffusers_additional_residuals(tmp_path):
+def test_control_residuals_match_diffusers_additional_residuals(tiny_pair):
     """Our control list (input blocks in order, middle last) is diffusers'
     down_block_additional_residuals + mid_block_additional_residual."""
-    ref = random_reference_unet(0, **DIFFUSERS_TINY_SD1)
-    ours = load_through_our_loader(ref, tmp_path / "unet")
-    x, t, context = tiny_inputs(UNetConfig.tiny())
+    ref, ours, preset = tiny_pair
+    x, t, context = tiny_inputs(preset)
     shapes = [(2, 32, 8, 8)] * 3 + [(2, 32, 4, 4)] + [(2, 64, 4, 4)] * 2 + [(2, 64, 4, 4)]
     g = torch.Generator().manual_seed(3)
     control = [torch.randn(s, generator=g) for s in shapes]
@@ -261,6 +265,8 @@ def test_control_residuals_match_diffusers_additional_residuals(tmp_path):
         expected = ref(x, t, context, down_block_additional_residuals=tuple(control[:-1]),
                        mid_block_additional_residual=control[-1]).sample
         out = ours(x, t, context, control=control)
+        bare = ours(x, t, context)
+    assert (out - bare).abs().max() > 1e-2  # the residuals matter
     assert (out - expected).abs().max() <= TINY_ATOL
 
 
