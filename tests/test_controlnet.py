@@ -127,7 +127,7 @@ def test_scale_guess_mode_and_global_pool():
         # The original's control_scales in guess mode: strength * 0.825 ** (12 - i) for SD's 13.
         assert control.residual_scales(0.8, True) == [0.8 * 0.825 ** (n - 1 - i) for i in range(n)]
         assert all(torch.equal(g, b * (0.8 * 0.825 ** (n - 1 - i))) for i, (g, b) in enumerate(zip(guess, base)))
-        pooled = ControlNet(ControlNetConfig.tiny().__class__(config, 3, (16, 32, 32, 32), global_pool=True))
+        pooled = ControlNet(ControlNetConfig(config, 3, (16, 32, 32, 32), global_pool=True))
         pooled.load_state_dict(control.state_dict())
         out = pooled(x, t, context, hint)
         assert all(o.shape[-2:] == (1, 1) and torch.allclose(o, b.mean(dim=(2, 3), keepdim=True), atol=1e-6)
