@@ -35,7 +35,7 @@ from data.datasets import ConceptDataset
 from data.files import write_image_atomic
 from data.images import tensor_to_image
 from data.seeding import derive_seed
-from defectsynth.runconfig import config_from_args, config_to_dict, parser_from_dataclass, save_config_json
+from defectsynth.runconfig import config_from_args, parser_from_dataclass, save_config_json
 from model.stable_diffusion import PRESETS, StableDiffusion, preset
 from sample.ddim import sample_ddim
 from sample.ddpm import sample_ddpm
@@ -44,16 +44,15 @@ from sample.guidance import ClassifierFreeGuidance, as_eps_denoiser
 from sample.noise import generators_from_seeds, randn_per_sample
 from sample.timesteps import ddim_timesteps, ddpm_timesteps, dpm_solver_timesteps
 from weights import load_pipeline, save_diffusers, save_ldm
-from train.checkpoint import (capture_rng_state, check_resume_config, checkpoint_name, load_checkpoint,
-                              resolve_resume, restore_rng_state, save_checkpoint, strip_prefix, with_prefix)
+from train.checkpoint import checkpoint_name, resolve_resume, strip_prefix, with_prefix
 from train.data_order import IndexStream
 from train.diffusion import diffusion_target, encode_posterior, sample_latents, sample_noise, sample_timesteps
-from train.distributed import (DistInfo, all_reduce_mean, any_rank, assert_replicas_identical, barrier,
-                               distributed_session, gather_objects, grad_sync, wrap_ddp)
+from train.distributed import DistInfo, all_reduce_mean, any_rank, barrier, distributed_session, grad_sync, wrap_ddp
 from train.ema import EMA
 from train.monitor import MetricsLog, StopSignal, check_finite, progress_bar, save_image_grid
 from train.optim import LR_SCHEDULES, build_adamw, lr_multiplier, optimizer_step, param_group
-from train.precision import PRECISIONS, autocast, frozen_copy, make_grad_scaler, precision_dtype
+from train.precision import PRECISIONS, autocast, frozen_copy, make_grad_scaler, precision_dtype, resolve_precision
+from train.state import restore_training_state, save_training_state
 
 SAMPLERS = {"ddpm": (sample_ddpm, ddpm_timesteps), "ddim": (sample_ddim, ddim_timesteps),
             "dpmpp": (sample_dpm_solver, dpm_solver_timesteps)}
@@ -177,9 +176,7 @@ def resolve_config(cfg: ConceptConfig, model: StableDiffusion, device: torch.dev
         raise ValueError("train.concept: prior preservation needs --num-class-images >= 1 (or --no-with-prior)")
     if "{}" not in cfg.prompt_template:
         raise ValueError(f"train.concept: --prompt-template {cfg.prompt_template!r} needs a {{}} placeholder")
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    precision = resolve_precision(cfg.precision, device)
     lr = cfg.lr if cfg.lr is not None else (2e-6 if cfg.train_text_encoder else 5e-6)
     return replace(
         cfg, precision=precision, lr=lr,
@@ -387,22 +384,14 @@ def main(cfg: ConceptConfig) -> ConceptResult:
 
         start_step = 0
         if resume_from is not None:
-            weights, state = load_checkpoint(resume_from, device)
-            check_resume_config(state["config"], cfg, resume_from, RESUMABLE_CHANGES)
-            if state["world_size"] != info.world_size:
-                raise ValueError(f"--resume {resume_from}: saved with {state['world_size']} processes, "
-                                 f"resumed with {info.world_size}; the data order would change")
+            weights, state = restore_training_state(resume_from, cfg, info, optimizer, scaler, ema,
+                                                    {"noise": noise_gen}, RESUMABLE_CHANGES)
             unet.load_state_dict(strip_prefix(weights, "unet."), strict=True)
             if cfg.train_text_encoder:
                 text_encoder.load_state_dict(strip_prefix(weights, "text_encoder."), strict=True)
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            if ema is not None:
-                ema.load_state_dict(state["ema"])
             instance_order.load_state_dict(state["data"]["instance"])
             if class_order is not None:
                 class_order.load_state_dict(state["data"]["class"])
-            restore_rng_state(state["rng"][info.rank], {"noise": noise_gen})
             start_step = state["step"]
             if info.is_main:
                 print(f"resumed from {resume_from} at step {start_step}")
@@ -420,18 +409,12 @@ def main(cfg: ConceptConfig) -> ConceptResult:
                 return text_cache[0:1] if text_cache is not None else text_encoder(tokens[0:1]).float()
 
         def save(step: int) -> Path | None:
-            """All ranks: check the replicas agree, gather RNG states; rank 0 writes."""
-            assert_replicas_identical(params, device)
-            rng = gather_objects(capture_rng_state({"noise": noise_gen}))
-            if not info.is_main:
-                return None
-            state = {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "ema": ema.state_dict() if ema else None, "rng": rng, "world_size": info.world_size,
-                     "data": {"instance": instance_order.state_dict(),
-                              "class": class_order.state_dict() if class_order else None},
-                     "config": config_to_dict(cfg)}
+            """All ranks (the replicas are checked, RNG states gathered); rank 0 writes."""
             weights = trainable_weights(unet, text_encoder if cfg.train_text_encoder else None)
-            return save_checkpoint(ckpt_root, step, weights, state, cfg, cfg.keep_last)
+            data = {"instance": instance_order.state_dict(),
+                    "class": class_order.state_dict() if class_order else None}
+            return save_training_state(ckpt_root, step, weights, cfg, info, params, optimizer, scaler, ema,
+                                       {"noise": noise_gen}, data, cfg.keep_last)
 
         metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step, enabled=info.is_main)
         bar = progress_bar(cfg.steps, start_step, enabled=cfg.progress and info.is_main, desc="concept")

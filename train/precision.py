@@ -22,6 +22,15 @@ def precision_dtype(precision: str) -> torch.dtype:
     return DTYPES[precision]
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> "bf16" on a CUDA device that supports it, else "fp32"; other names are checked
+    and returned as they are."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    precision_dtype(precision)
+    return precision
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """The forward-pass context: torch.autocast in bf16/fp16, a no-op for fp32."""
     dtype = precision_dtype(precision)
