@@ -33,9 +33,8 @@ from data.seeding import derive_seed
 from defectsynth.runconfig import config_from_args, config_to_dict, parser_from_dataclass
 from model.stable_diffusion import PRESETS
 from sample.pipeline import SAMPLERS, generate, random_pipeline
+from sample.runtime import DTYPES, dtype_name, resolve_device, resolve_dtype, to_uint8
 from weights import load_control, load_pipeline
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -86,18 +85,6 @@ class GenerateResult:
     seeds: list[int]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return DTYPES[name]
-
-
 def read_hint(path: str, height: int, width: int) -> torch.Tensor:
     """The hint image as float32 (1, 3, H, W) in [0, 1]; resized (nearest: drivers are label maps
     painted in class colours, which interpolation would blend) when its size differs."""
@@ -115,11 +102,6 @@ def image_size(cfg: GenerateConfig, native: int) -> tuple[int, int]:
         h, w = read_image(cfg.hint).shape[:2]
         return h, w
     return native, native
-
-
-def to_uint8(image: torch.Tensor):
-    """(3, H, W) in [0, 1] -> uint8 (H, W, 3) numpy."""
-    return (image.float().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
 
 
 def main(cfg: GenerateConfig) -> GenerateResult:
@@ -148,7 +130,7 @@ def main(cfg: GenerateConfig) -> GenerateResult:
     if cfg.control:
         control = load_control(cfg.control, unet=sd.unet).eval()
         hint = read_hint(cfg.hint, height, width)
-    cfg = replace(cfg, height=height, width=width, dtype={v: k for k, v in DTYPES.items()}[dtype], device=str(device),
+    cfg = replace(cfg, height=height, width=width, dtype=dtype_name(dtype), device=str(device),
                   prediction_type=sd.prediction_type)
 
     out = Path(cfg.out)
