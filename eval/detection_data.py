@@ -22,6 +22,7 @@ import torch
 
 from data.coco import annotations_by_image, decode_instances
 from data.images import read_image
+from data.masks import mask_bbox
 from data.seeding import derive_seed
 
 
@@ -55,10 +56,7 @@ class LabelMap:
 def target_from_masks(masks: Sequence[np.ndarray], labels: Sequence[int], height: int, width: int,
                       image_id: int) -> dict[str, torch.Tensor | int]:
     """A detector target from binary (H, W) instance masks and their labels."""
-    boxes = []
-    for mask in masks:
-        ys, xs = np.nonzero(mask)
-        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])  # pixel edges: exclusive end
+    boxes = [[x, y, x + w, y + h] for x, y, w, h in map(mask_bbox, masks)]  # COCO xywh -> x0 y0 x1 y1
     return {
         "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
         "labels": torch.tensor(list(labels), dtype=torch.int64),
