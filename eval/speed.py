@@ -188,6 +188,168 @@ BENCHMARKS["t2i"] = (bench_t2i, "text-to-image per image (tiny on CPU, SD 1.5 on
 
 
 # ----------------------------------------------------------------------------------------------
+# train-step: one training step of the UNet (train/ owns this section)
+# ----------------------------------------------------------------------------------------------
+
+# benchmark name -> (SD preset of the UNet, gradient checkpointing)
+TRAIN_STEP_VARIANTS: dict[str, tuple[str, bool]] = {
+    "train-step": ("sd15", False),
+    "train-step-tiny": ("tiny", False),
+    "train-step-ckpt": ("sd15", True),
+}
+
+
+def _rss_bytes() -> int:
+    """Current resident set size of this process (Linux /proc)."""
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _warm_process(device: torch.device) -> None:
+    """One step of a toy network with the same kinds of layers and optimizer, so that lazily
+    loaded code (torch._dynamo, which the first AdamW step imports, oneDNN kernels, ...) is in
+    the baseline of both implementations rather than charged to whichever loads it first."""
+    from train.optim import build_adamw, optimizer_step, param_group
+    from train.precision import autocast, make_grad_scaler
+
+    conv, norm, linear = torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.GroupNorm(2, 8), torch.nn.Linear(8, 8)
+    toy = torch.nn.ModuleList([conv, norm, linear]).to(device)
+    optimizer = build_adamw([param_group("toy", toy.parameters(), lr=1e-6)])
+    scaler = make_grad_scaler(SpeedConfig.dtype, device)
+    with autocast(device, "fp32"):
+        h = norm(conv(torch.randn(1, 4, 8, 8, device=device))).flatten(2).transpose(1, 2)  # (1, 64, 8)
+        q = linear(h)[:, None]  # (1, 1, 64, 8): one head
+        out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    scaler.scale(out.square().mean()).backward()
+    optimizer_step(optimizer, scaler, list(toy.parameters()), max_grad_norm=1.0)
+
+
+def train_step_child(implementation: str, preset_name: str, checkpointing: bool, options: dict) -> dict:
+    """One implementation's training steps, run in a fresh process (see `bench_train_step`).
+
+    A step: autocast forward of the UNet on (x_t, t, context), float32 MSE against the noise,
+    (scaled) backward, then train.optim.optimizer_step: unscale, clip to 1.0, fused AdamW, zero_grad.
+    Trainable weights are float32; cfg.dtype is the autocast precision. Returns the median step
+    time and the peak memory the run added: on CUDA torch.cuda.max_memory_allocated minus what
+    was allocated before the model was built; on CPU the process's peak RSS (getrusage
+    ru_maxrss, which sees every allocator, torch's included) minus its RSS right before the model
+    was built, i.e. after every import.
+    """
+    import resource
+
+    import torch.nn.functional as F
+
+    from model.stable_diffusion import preset
+    from model.unet import UNet
+    from train.optim import build_adamw, optimizer_step, param_group
+    from train.precision import autocast, make_grad_scaler
+
+    cfg = SpeedConfig(**options)
+    device = torch.device(cfg.device)
+    unet_config = preset(preset_name).unet
+    if implementation == "reference":
+        from diffusers import UNet2DConditionModel
+
+        from weights.configs import unet_config_to_diffusers
+        reference_config = {k: v for k, v in unet_config_to_diffusers(unet_config, cfg.latent).items()
+                            if not k.startswith("_")}
+    _warm_process(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() if device.type == "cuda" else _rss_bytes()
+
+    torch.manual_seed(cfg.seed)
+    if implementation == "ours":
+        net = UNet(unet_config).to(device).train()
+        net.set_gradient_checkpointing(checkpointing)
+        forward = net
+    else:
+        net = UNet2DConditionModel(**reference_config).to(device).train()
+        if checkpointing:
+            net.enable_gradient_checkpointing()
+        forward = lambda x, t, context: net(x, t, encoder_hidden_states=context).sample  # noqa: E731
+    params = list(net.parameters())
+    optimizer = build_adamw([param_group("unet", params, lr=1e-6)])
+    scaler = make_grad_scaler(cfg.dtype, device)
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    x = torch.randn(cfg.batch, 4, cfg.latent, cfg.latent, generator=g).to(device)
+    target = torch.randn(cfg.batch, 4, cfg.latent, cfg.latent, generator=g).to(device)
+    t = torch.randint(0, 1000, (cfg.batch,), generator=g).to(device)
+    context = torch.randn(cfg.batch, 77, unet_config.context_dim, generator=g).to(device)
+
+    def step() -> None:
+        with autocast(device, cfg.dtype):
+            pred = forward(x, t, context)
+        loss = F.mse_loss(pred.float(), target)
+        scaler.scale(loss).backward()
+        optimizer_step(optimizer, scaler, params, max_grad_norm=1.0)
+
+    ms = median_ms({"step": step}, cfg.device, cfg.warmup, cfg.repeats, cfg.clock)["step"]
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before  # ru_maxrss is KiB on Linux
+    return {"ms": ms, "peak_bytes": peak, "params": sum(p.numel() for p in params)}
+
+
+def bench_train_step(cfg: SpeedConfig, name: str = "train-step") -> dict:
+    """One training step (forward, backward, clip, AdamW) of our UNet vs diffusers'
+    UNet2DConditionModel at the same config, batch, latent size and precision (--dtype is the
+    autocast precision; trainable weights are float32 in both, as in train/).
+
+        python -m eval.speed train-step-tiny --batch 2 --latent 8 --repeats 20 --clock process
+        python -m eval.speed train-step --batch 1 --latent 32 --repeats 3 --clock process   # ~14 GB RAM each
+        python -m eval.speed train-step-ckpt --device cuda --dtype bf16 --batch 2 --latent 64 --repeats 10 --warmup 3
+
+    Each implementation runs in its own fresh Python process, so its peak memory is its own;
+    the order is ours, diffusers, diffusers, ours (medians over both runs) so that load on a
+    shared machine hits both alike. A toy warm-up step runs before each baseline so that lazily
+    imported code is not counted as training memory (see `_warm_process`).
+    """
+    import json
+    import os
+    import subprocess
+
+    preset_name, checkpointing = TRAIN_STEP_VARIANTS[name]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs: dict[str, list[dict]] = {"ours": [], "reference": []}
+    for implementation in ("ours", "reference", "reference", "ours"):
+        code = (f"import json, sys; sys.path.insert(0, {root!r}); from eval.speed import train_step_child; "
+                f"print(json.dumps(train_step_child({implementation!r}, {preset_name!r}, {checkpointing!r}, "
+                f"{dict(vars(cfg))!r})))")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+        if proc.returncode != 0:
+            raise RuntimeError(f"eval.speed {name}: the {implementation} process failed:\n{proc.stderr[-3000:]}")
+        runs[implementation].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    ours_ms = statistics.median(r["ms"] for r in runs["ours"])
+    reference_ms = statistics.median(r["ms"] for r in runs["reference"])
+    ours_mem = max(r["peak_bytes"] for r in runs["ours"])
+    reference_mem = max(r["peak_bytes"] for r in runs["reference"])
+    result = {"benchmark": name, "model": preset_name, "gradient_checkpointing": checkpointing,
+              "device": cfg.device, "dtype": cfg.dtype, "batch": cfg.batch, "latent": cfg.latent,
+              "params": runs["ours"][0]["params"], "reference_params": runs["reference"][0]["params"],
+              "ours_ms": ours_ms, "reference_ms": reference_ms, "time_ratio": ours_ms / reference_ms,
+              "ours_peak_mib": ours_mem / 2 ** 20, "reference_peak_mib": reference_mem / 2 ** 20,
+              "memory_ratio": ours_mem / reference_mem}
+    result["clock"] = cfg.clock
+    print(f"{name} {preset_name}{' +checkpointing' if checkpointing else ''} {cfg.device} {cfg.dtype} "
+          f"batch {cfg.batch} latent {cfg.latent}: ours {ours_ms:.1f} ms, diffusers {reference_ms:.1f} ms, "
+          f"time ours/diffusers {result['time_ratio']:.3f} ({cfg.clock} time); peak memory ours "
+          f"{result['ours_peak_mib']:.0f} MiB, diffusers {result['reference_peak_mib']:.0f} MiB, "
+          f"ours/diffusers {result['memory_ratio']:.3f}")
+    return result
+
+
+for _name, (_preset, _checkpointing) in TRAIN_STEP_VARIANTS.items():
+    BENCHMARKS[_name] = (lambda cfg, name=_name: bench_train_step(cfg, name),
+                         f"one training step (forward, backward, clip, AdamW) of the {_preset} UNet"
+                         f"{' with gradient checkpointing' if _checkpointing else ''}, ours vs diffusers: "
+                         f"time and peak memory, each in a fresh process")
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
 
