@@ -11,9 +11,10 @@ Writes, in OUT:
     grid.png                      the contact sheet of all samples (`--no-grid` to skip)
     generate.json                 the resolved run config and every sample's seed
 
-Sample i is drawn from the seed derive_seed(--seed, "sample", i) with its own generator, so it is
-the same image whatever `--batch` is (up to the last-bit differences of batch-size-dependent
-convolution kernels) and can be regenerated alone. The model runs on `--device` in `--dtype`
+Sample i is drawn from the seed derive_seed(--seed, "sample", i) with its own generator, so its
+randomness is the same whatever `--batch` is. The networks' kernels still depend on the batch size
+in the last float bits (a rare pixel may move by one level); `--batch-invariant` runs the networks
+one sample at a time so every image is bit-identical for any `--batch`. The model runs on `--device` in `--dtype`
 (auto: bf16 on CUDA, fp32 on CPU); the sampler maths stays float32.
 """
 from __future__ import annotations
@@ -54,6 +55,8 @@ class GenerateConfig:
     negative_prompt: str = field(default="", metadata={"help": "unconditional prompt of classifier-free guidance"})
     num: int = field(default=4, metadata={"help": "images to generate"})
     batch: int = field(default=4, metadata={"help": "images per forward pass"})
+    batch_invariant: bool = field(default=False, metadata={
+        "help": "run the networks one sample at a time: bit-identical images for any --batch (slower)"})
     seed: int = field(default=0, metadata={"help": "run seed; sample i uses derive_seed(seed, 'sample', i)"})
     height: int = field(default=0, metadata={"help": "image height in pixels, a multiple of 64 "
                                                      "(0: the hint's, else the model's native size)"})
@@ -145,7 +148,8 @@ def main(cfg: GenerateConfig) -> GenerateResult:
                          sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, eta=cfg.eta,
                          height=height, width=width, control=control, hints=hint,
                          control_scale=cfg.control_scale, guess_mode=cfg.guess_mode,
-                         on_step=lambda n=len(batch_seeds): bar.update(n))
+                         batch_invariant=cfg.batch_invariant,
+                         on_step=lambda n=1 if cfg.batch_invariant else len(batch_seeds): bar.update(n))
         for path, image in zip(paths[start:start + cfg.batch], batch):
             write_image_atomic(path, to_uint8(image))
         images.append(batch.cpu())

@@ -12,8 +12,11 @@ It composes the pieces of sample/ and nothing more (see sample/guidance.py for t
     latents  = sampler(denoiser, x_T, schedule, timesteps(steps))
     images   = (vae.decode(latents / 0.18215) + 1) / 2
 
-Sample i depends only on seeds[i] (and the prompt, hint and settings), never on the batch it was
-drawn in, so a synthesis run can regenerate any sample alone. The sampler maths (latents, guidance,
+Sample i's randomness depends only on seeds[i] (and the prompt, hint and settings), never on the
+batch it was drawn in. The networks' float results do depend on the batch size in the last bits
+(CPU and GPU libraries pick kernels by shape: a batch-1 Linear is a GEMV, convolutions are blocked
+by batch), which can move a rare PNG pixel by one level. `batch_invariant=True` runs the networks
+one sample at a time, so a sample is bit-identical whatever batch it was asked for in. The sampler maths (latents, guidance,
 eps/v conversion) runs in float32 whatever the networks' dtype.
 """
 from __future__ import annotations
@@ -79,6 +82,15 @@ def _batch_rows(tensor: torch.Tensor, n: int, name: str) -> torch.Tensor:
     raise ValueError(f"generate: {name} has batch {tensor.shape[0]}, expected 1 or {n} (one per seed)")
 
 
+def _row(values, i: int):
+    """Sample i's entry of a per-sample argument of `generate` (shared entries are kept whole)."""
+    if values is None or isinstance(values, str):
+        return values
+    if len(values) == 1:
+        return values
+    return values[i:i + 1] if isinstance(values, torch.Tensor) else [values[i]]
+
+
 @torch.no_grad()
 def generate(sd: StableDiffusion, prompts: Sequence[str] | str | None = None, *, seeds: Sequence[int],
              negative_prompts: Sequence[str] | str | None = None,
@@ -88,7 +100,8 @@ def generate(sd: StableDiffusion, prompts: Sequence[str] | str | None = None, *,
              control: nn.Module | None = None, hints: torch.Tensor | None = None,
              control_scale: float = 1.0, guess_mode: bool = False,
              dtype: torch.dtype | None = None, unet: nn.Module | None = None, vae: nn.Module | None = None,
-             on_step: Callable[[], None] | None = None, progress: bool = False) -> torch.Tensor:
+             on_step: Callable[[], None] | None = None, progress: bool = False,
+             batch_invariant: bool = False) -> torch.Tensor:
     """Generate one image per seed. Returns float32 (B, 3, H, W) in [0, 1] on the UNet's device.
 
     sd: the model (config, tokenizer, text encoder, schedule, prediction type; its unet and vae
@@ -108,7 +121,16 @@ def generate(sd: StableDiffusion, prompts: Sequence[str] | str | None = None, *,
         precision); a different dtype runs them under torch.autocast (mixed precision).
     on_step: called after every denoising step (progress bars across batches); progress: the
         sampler's own tqdm bar.
+    batch_invariant: run each sample through the networks on its own (bit-identical results for
+        any batch size, at the cost of batching's throughput).
     """
+    if batch_invariant and len(seeds) > 1:
+        return torch.cat([generate(
+            sd, _row(prompts, i), seeds=[seed], negative_prompts=_row(negative_prompts, i),
+            cond=_row(cond, i), uncond=_row(uncond, i), sampler=sampler, steps=steps, guidance=guidance,
+            eta=eta, height=height, width=width, control=control, hints=_row(hints, i),
+            control_scale=control_scale, guess_mode=guess_mode, dtype=dtype, unet=unet, vae=vae,
+            on_step=on_step, progress=progress) for i, seed in enumerate(seeds)])
     unet = sd.unet if unet is None else unet
     vae = sd.vae if vae is None else vae
     n = len(seeds)

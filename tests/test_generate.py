@@ -148,6 +148,23 @@ def test_cli_writes_what_it_promises_and_batch_size_does_not_matter(tmp_path):
             assert np.abs(pa - pb).max() <= 1 and (pa != pb).mean() < 1e-3
 
 
+def test_batch_invariant_images_are_bit_identical_for_any_batch(tmp_path):
+    # --batch-invariant runs the networks per sample: the same seed gives the same bytes.
+    result = main(cli_config(tmp_path / "b4", batch_invariant=True))
+    for batch in (1, 3):
+        other = main(cli_config(tmp_path / f"b{batch}", batch=batch, batch_invariant=True))
+        for a, b in zip(result.images, other.images):
+            assert np.array_equal(read_png(a), read_png(b))
+
+
+def test_batch_invariant_generate_equals_one_call_per_seed():
+    sd = random_pipeline("tiny", seed=2)
+    prompts = ["an image of a sks", "an image of a cat", "a crack"]
+    together = generate(sd, prompts, seeds=[5, 6, 7], steps=2, batch_invariant=True)
+    alone = torch.cat([generate(sd, [p], seeds=[s], steps=2) for p, s in zip(prompts, [5, 6, 7])])
+    assert torch.equal(together, alone)
+
+
 def test_cli_with_a_saved_control_and_hint(tmp_path):
     sd = random_pipeline("tiny", seed=1)  # the model the CLI builds from --seed 1
     control = ControlNet.from_unet(sd.unet)
