@@ -167,6 +167,7 @@ class CrossAttention(nn.Module):
         k = self.to_k(context).view(B, -1, h, C // h).transpose(1, 2)  # (B, T, C) -> (B, h, T, C/h)
         v = self.to_v(context).view(B, -1, h, C // h).transpose(1, 2)  # (B, T, C) -> (B, h, T, C/h)
         out = attention(q, k, v)  # (B, h, L, C/h)
+        # Free when the kernel writes (B, L, h, C/h)-major memory, as torch's SDPA kernels do.
         out = out.transpose(1, 2).reshape(B, L, C)  # (B, h, L, C/h) -> (B, L, C)
         return self.to_out(out)
 
@@ -244,13 +245,13 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        # Tokens contiguous in (B, L, C): LayerNorm and the Linears then read rows, not strides.
+        # A transposed view, no copy: proj_in's GEMM reads it as is and writes contiguous tokens.
         h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, C, H, W) -> (B, HW, C)
         # A 1x1 conv on the map is a Linear on the tokens, so both projection kinds run as Linears
         # (weight.flatten(1): [C, C, 1, 1] or [C, C] -> [C, C]). On CPU this is a plain GEMM instead
         # of a 1x1 convolution with its layout conversions, and it saves the copy back to NCHW
         # that a conv proj_out would need.
-        h = F.linear(h, self.proj_in.weight.flatten(1), self.proj_in.bias)  # (B, HW, C)
+        h = F.linear(h, self.proj_in.weight.flatten(1), self.proj_in.bias)  # (B, HW, C) contiguous
         for block in self.transformer_blocks:
             h = block(h, context)
         h = F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)  # (B, HW, C)
