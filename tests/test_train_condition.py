@@ -187,6 +187,7 @@ def test_inpaint_run_validates_exports_and_generates_again(demo_data, tmp_path):
     assert [r["step"] for r in result.validation] == [0, 1, 2]
     for record in result.validation:
         assert 0.0 <= record["adherence"] <= 1.0 and 0.0 <= record["adherence_topology"] <= 1.0
+        assert record["adherence_source"] == 1.0  # the demo's defects stand out: the ceiling is reachable
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "adherence" in r] == [0, 1, 2]
     grid = read_image(out / "validation" / "step_00000002.png")

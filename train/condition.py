@@ -209,12 +209,14 @@ class ConditionResult:
 
 @dataclass
 class ValidationSet:
-    """The fixed validation drivers: hint, topological driver (scored against), prompt, instances, seed."""
+    """The fixed validation drivers: hint, topological driver (scored against), prompt, instances,
+    seed, and the source images (their own adherence is the ceiling a sample can reach)."""
     hints: torch.Tensor                 # (N, 3, H, W) in [0, 1]: what the control sees
     drivers: torch.Tensor               # (N, 3, H, W) in [0, 1]: the topological driver of the source
     prompts: list[str]
     instances: list[list[tuple[np.ndarray, int]]]
     seeds: list[int]
+    sources: list[np.ndarray]           # uint8 (H, W, 3) source images
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -357,7 +359,8 @@ def build_validation_set(dataset: ConditionDataset, count: int, condition: str, 
                          drivers=torch.stack([it["driver"] for it in items]),
                          prompts=[it["prompt"] for it in items],
                          instances=[item_instances(it) for it in items],
-                         seeds=[derive_seed(seed, "validation", i) for i in range(len(items))])
+                         seeds=[derive_seed(seed, "validation", i) for i in range(len(items))],
+                         sources=[tensor_to_image(it["image"]) for it in items])
 
 
 @torch.no_grad()
@@ -365,7 +368,9 @@ def validate(model: StableDiffusion, unet: nn.Module, vae: nn.Module, text_encod
              val: ValidationSet, contexts: dict[str, torch.Tensor], polarity: dict[int, int], cfg: ConditionConfig,
              step: int, batch_size: int = 4) -> dict[str, float | None]:
     """One validation round: a sample per validation driver (its fixed seed), the mean adherence
-    score (data/adherence.py) and a driver | [hint |] sample grid under OUT/validation."""
+    score (data/adherence.py) and a driver | [hint |] sample grid under OUT/validation. The record
+    also holds the source images' own mean adherence ("adherence_source"): faint real defects or
+    loose masks keep it below 1, and a sample can hardly do better than its source."""
     dtype = None if cfg.precision == "fp32" else precision_dtype(cfg.precision)
     device = next(unet.parameters()).device
     uncond = prompt_contexts([""], model, text_encoder, contexts)
@@ -385,7 +390,10 @@ def validate(model: StableDiffusion, unet: nn.Module, vae: nn.Module, text_encod
     grid = torch.stack(columns, dim=1).flatten(0, 1)  # (N, K, 3, H, W) -> (N * K, 3, H, W), row per driver
     save_image_grid(grid * 2 - 1, Path(cfg.out) / "validation" / f"step_{step:08d}.png", nrow=len(columns))
     placements = [s.placement for s in scores if s.placement is not None]
+    source = [adherence(image, d, inst, polarity, cfg.driver_config).score
+              for image, d, inst in zip(val.sources, val.drivers, val.instances)]
     return {"step": step, "adherence": float(np.mean([s.score for s in scores])),
+            "adherence_source": float(np.mean(source)),
             "adherence_topology": float(np.mean([s.topology for s in scores])),
             "adherence_placement": float(np.mean(placements)) if placements else None}
 
