@@ -54,15 +54,17 @@ def synchronize(device: str) -> None:
 
 def median_ms(runs: dict[str, Callable[[], object]], device: str, warmup: int, repeats: int,
               clock: str = "wall") -> dict[str, float]:
-    """Median time in ms of each zero-argument callable, run alternately after warm-up.
+    """Median time in ms of each zero-argument callable, run in turns after warm-up.
     clock "wall" is elapsed time, "process" the CPU time of this process (all its threads)."""
     now = time.perf_counter if clock == "wall" else time.process_time
     for fn in runs.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
+    for repeat in range(repeats):
+        # Reverse the order every other repeat, so a drift in machine load does not favour one.
+        order = list(runs.items()) if repeat % 2 == 0 else list(runs.items())[::-1]
+        for name, fn in order:
             synchronize(device)
             start = now()
             fn()
