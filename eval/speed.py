@@ -352,6 +352,126 @@ for _name, (_preset, _checkpointing) in TRAIN_STEP_VARIANTS.items():
 
 
 # ----------------------------------------------------------------------------------------------
+# synth: SADF synthesis throughput (sample.synthesize) vs diffusers' StableDiffusionControlNetPipeline
+# ----------------------------------------------------------------------------------------------
+
+SYNTH_STEPS, SYNTH_GUIDANCE, SYNTH_BATCHES = 20, 7.5, 2
+
+
+def bench_synth(cfg: SpeedConfig) -> dict:
+    """Images per second of SADF synthesis: ours end to end (sample.synthesize's shard loop: pairs
+    built, hints rendered, sampled, guarded, PNGs and records written, all on a fresh output folder)
+    and ours generate-only, vs diffusers' StableDiffusionControlNetPipeline on the same prompts,
+    hints and per-sample CPU generators, with the hints already made and no files written. Both from
+    the same random weights: our model and control (residual convs randomised, so the control acts)
+    written with weights.save_diffusers / save_control(layout="diffusers") and loaded by diffusers.
+    DPM-Solver++(2M) (diffusers' DPMSolverMultistepScheduler, "linspace" = our spacing), 20 steps,
+    CFG 7.5, control scale 1; SYNTH_BATCHES batches of --batch images per timed run, on the procedural
+    demo data at the image size.
+
+    CPU: the tiny preset, e.g. python -m eval.speed synth --latent 8 --batch 4 --clock process
+    CUDA: SD 1.5 at --latent * 8 pixels, e.g. the reference setting
+        python -m eval.speed synth --device cuda --dtype bf16 --batch 8 --latent 64 --repeats 3
+    """
+    import contextlib
+    import io
+    from pathlib import Path
+
+    from diffusers import ControlNetModel, DPMSolverMultistepScheduler, StableDiffusionControlNetPipeline
+
+    from data.demo import DemoConfig, make_demo_dataset
+    from model.controlnet import ControlNet
+    from sample.pipeline import random_pipeline
+    from sample.sadf_inputs import generate_rows
+    from sample.sadf_jobs import job_seed, shard_batches
+    from sample.synthesize import SynthesizeConfig, prepare, synthesize_shard
+    from weights import save_control, save_diffusers
+
+    dtype, device = DTYPES[cfg.dtype], torch.device(cfg.device)
+    preset_name = "sd15" if device.type == "cuda" else "tiny"
+    size, count = cfg.latent * 8, SYNTH_BATCHES * cfg.batch
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        sd = random_pipeline(preset_name, seed=cfg.seed)
+        control = ControlNet.from_unet(sd.unet)
+        g = torch.Generator().manual_seed(cfg.seed + 1)
+        with torch.no_grad():  # a "trained" control: non-zero residual convs
+            for m in [*control.zero_convs, control.middle_block_out, control.input_hint_block[-1]]:
+                for p in m.parameters():
+                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
+        save_diffusers(sd, folder / "sd", dtype=dtype)
+        save_control(control, folder / "controlnet", layout="diffusers", dtype=dtype)
+        save_control(control, folder / "control.safetensors", dtype=dtype)
+        del sd, control  # both implementations load from the files
+        make_demo_dataset(DemoConfig(out=str(folder / "demo"), size=size, num_defective=4, num_free=2,
+                                     seed=cfg.seed), progress=False)
+        synth = SynthesizeConfig(ckpt=str(folder / "sd"), control=str(folder / "control.safetensors"),
+                                 free=str(folder / "demo" / "free.json"),
+                                 masks=str(folder / "demo" / "annotations.json"),
+                                 variants=2, samples_per_driver=cfg.batch, resolution=size, steps=SYNTH_STEPS,
+                                 guidance=SYNTH_GUIDANCE, batch=cfg.batch, seed=cfg.seed, dtype=cfg.dtype,
+                                 device=cfg.device, max_images=count, progress=False)
+        run = prepare(synth, device, dtype)
+        run.run_file["models"] = {"ckpt": "bench", "control": "bench"}
+        reference = StableDiffusionControlNetPipeline.from_pretrained(
+            folder / "sd", controlnet=ControlNetModel.from_pretrained(folder / "controlnet", torch_dtype=dtype),
+            torch_dtype=dtype, safety_checker=None, feature_extractor=None)
+        reference.scheduler = DPMSolverMultistepScheduler.from_config(
+            reference.scheduler.config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="linspace",
+            steps_offset=0)
+        reference.to(device)
+        reference.set_progress_bar_config(disable=True)
+
+        batches = shard_batches(run.num_jobs, cfg.batch, samples_per_driver=cfg.batch)[:SYNTH_BATCHES]
+        inputs = [[run.builder(j.pair_id) for j in batch] for batch in batches]
+        seeds = [[job_seed(cfg.seed, j.pair_id, j.sample_index) for j in batch] for batch in batches]
+        runs_done = [0]
+
+        def run_ours() -> None:
+            runs_done[0] += 1
+            synthesize_shard(run, folder / f"out{runs_done[0]}", 0, 1, progress=False)
+
+        def run_generate(b: int = -1) -> list[torch.Tensor]:
+            chosen = range(len(batches)) if b < 0 else [b]
+            return [generate_rows(run.sd, run.control, run.contexts, inputs[i], seeds[i], run.cfg, size)
+                    for i in chosen]
+
+        def run_reference(b: int = -1, output_type: str = "pil") -> list:
+            chosen = range(len(batches)) if b < 0 else [b]
+            out = []
+            for i in chosen:
+                hints = torch.stack([r.hint for r in inputs[i]])  # (B, 3, H, W) in [0, 1]
+                out.append(reference([r.prompt for r in inputs[i]], image=hints.to(device, dtype), height=size,
+                                     width=size, num_inference_steps=SYNTH_STEPS, guidance_scale=SYNTH_GUIDANCE,
+                                     controlnet_conditioning_scale=1.0,
+                                     generator=[torch.Generator().manual_seed(s) for s in seeds[i]],
+                                     output_type=output_type).images)
+            return out
+
+        with torch.inference_mode(), contextlib.redirect_stdout(io.StringIO()):  # the shard loop prints a summary
+            diff = (run_generate(0)[0].float().cpu() - run_reference(0, "pt")[0].float().cpu()).abs().max().item()
+            ms = median_ms({"ours": run_ours, "ours_generate": run_generate, "reference": run_reference},
+                           cfg.device, cfg.warmup, cfg.repeats, cfg.clock)
+    per_s = {name: count / (value / 1000.0) for name, value in ms.items()}
+    result = {"benchmark": "synth", "preset": preset_name, "device": cfg.device, "dtype": cfg.dtype,
+              "batch": cfg.batch, "size": size, "steps": SYNTH_STEPS, "sampler": "dpmpp", "clock": cfg.clock,
+              "images_per_run": count, "ours_images_per_s": per_s["ours"],
+              "ours_generate_images_per_s": per_s["ours_generate"], "reference_images_per_s": per_s["reference"],
+              "throughput_ratio": per_s["ours"] / per_s["reference"], "max_abs_image_diff": diff}
+    print(f"synth {preset_name} {cfg.device} {cfg.dtype} {size}x{size} batch {cfg.batch}, DPM-Solver++ {SYNTH_STEPS} "
+          f"steps, CFG {SYNTH_GUIDANCE}: ours {per_s['ours']:.2f} images/s end to end ({per_s['ours_generate']:.2f} "
+          f"generate-only), diffusers ControlNet pipeline {per_s['reference']:.2f} images/s; ours/diffusers "
+          f"throughput {result['throughput_ratio']:.3f} ({cfg.clock} time, median of {cfg.repeats} runs of {count} "
+          f"images; max |image diff| {diff:.2e})")
+    return result
+
+
+BENCHMARKS["synth"] = (bench_synth, "SADF synthesis images/s (tiny on CPU, SD 1.5 on CUDA): sample.synthesize end "
+                                    "to end vs diffusers' StableDiffusionControlNetPipeline (same weights, "
+                                    "DPM-Solver++ 20 steps, CFG 7.5)")
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
 
