@@ -30,11 +30,18 @@ j % k of pair j // k with seed derive_seed(seed, "synthesize", pair, sample), ma
 j // --batch, so shards and reruns agree and any image can be regenerated bit for bit from its
 record (the record names its generate() call: rows, seeds, and its row). A rerun skips batches whose
 records exist; `--max-images` stops after that many new images (whole batches) and a rerun continues.
+(Recording the batch keeps batched sampling at full speed; generate(batch_invariant=True) would make
+a sample independent of its batch at the cost of running the networks one sample at a time.)
 
 "Up to k samples per driver": k = --samples-per-driver (default 15) is always attempted. A driver
 has fewer only when the guard drops samples: an output that is non-finite or blank (pixel standard
 deviation below --blank-std grey levels) is redrawn with a derived seed up to --retries times, then
 dropped and recorded as "dropped" (counted in sadf.json's info and the summary; reruns don't retry it).
+
+Pieces: sample/sadf_jobs.py (the job list), sample/sadf_inputs.py (condition record, datasets,
+models, pair -> prompt and hint, one generate() call, the guard), sample/records.py (records,
+sha256 cache, COCO assembly, contact sheet). This file: the run config, the shard loop, merging,
+regeneration and the CLI.
 """
 from __future__ import annotations
 
@@ -377,6 +384,10 @@ def main(cfg: SynthesizeConfig) -> SynthesizeResult | np.ndarray:
                                  f"got {getattr(cfg, name)}")
     if not 0 <= cfg.shard < cfg.num_shards:
         raise SynthesisError(f"sample.synthesize: --shard {cfg.shard} must be in 0..{cfg.num_shards - 1}")
+    if cfg.eta != 0.0 and cfg.sampler != "ddim":
+        raise SynthesisError(f"sample.synthesize: --eta {cfg.eta} applies to --sampler ddim only")
+    if len(cfg.instances) != 2:
+        raise SynthesisError(f"sample.synthesize: --instances takes MIN MAX, got {list(cfg.instances)}")
 
     with process_group() as (rank, world, local_rank):
         device = resolve_device(cfg.device)
