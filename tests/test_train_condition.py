@@ -110,7 +110,8 @@ def test_unlocked_sd_trains_only_the_decoder_half(demo_data, tmp_path):
         result.model.unet)}
     base = load_pipeline(result.exported["base"]).unet.state_dict()
     assert all(torch.equal(base[k], v) for k, v in tuned.items())
-    assert read_condition_metadata(result.exported["control"])["sd_locked"] is False
+    record = read_condition_metadata(result.exported["control"])
+    assert record["sd_locked"] is False and record["polarity"]  # estimated even without validation rounds
 
 
 def test_only_mid_control_keeps_the_skip_residuals_at_zero(demo_data, tmp_path):

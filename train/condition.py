@@ -273,17 +273,17 @@ def trainable_weights(control: nn.Module, unet: nn.Module, sd_locked: bool) -> d
     return weights
 
 
-def item_hint(item: dict[str, Any], condition: str, palette=None) -> torch.Tensor:
+def item_instances(item: dict[str, Any]) -> list[tuple[np.ndarray, int]]:
+    """(mask uint8 (H, W), category id) pairs of a ConditionDataset item built with return_masks=True."""
+    return list(zip(item["instance_masks"].numpy(), item["category_ids"].tolist()))
+
+
+def item_hint(item: dict[str, Any], condition: str) -> torch.Tensor:
     """The hint of a ConditionDataset item (built with return_masks=True): its topological driver,
     or the inpainting hint of its image and instances. float32 (3, H, W) in [0, 1]."""
     if condition == "driver":
         return item["driver"]
-    instances = list(zip(item["instance_masks"].numpy(), item["category_ids"].tolist()))
-    return inpaint_hint(tensor_to_image(item["image"]), instances, palette)
-
-
-def item_instances(item: dict[str, Any]) -> list[tuple[np.ndarray, int]]:
-    return list(zip(item["instance_masks"].numpy(), item["category_ids"].tolist()))
+    return inpaint_hint(tensor_to_image(item["image"]), item_instances(item))
 
 
 def to_levels(hints: torch.Tensor) -> torch.Tensor:
@@ -504,8 +504,12 @@ def main(cfg: ConditionConfig) -> ConditionResult:
             crop="random" if cfg.random_crop else "center", hflip=cfg.hflip)
         cache = cache_dataset(plain, vae, cfg.condition, device) if cfg.cache_latents else None
 
-        # Validation: fixed drivers and seeds, each class's contrast direction from the real images.
+        # Validation: fixed drivers and seeds. Each class's contrast direction comes from the real
+        # images (the adherence score uses it; the exported control records it for synthesis).
         validation, polarity = None, {}
+        if info.is_main:
+            polarity = estimate_polarity((tensor_to_image(it["image"]), item_instances(it))
+                                         for it in (plain[i] for i in range(min(len(plain), 64))))
         if info.is_main and cfg.num_validation:
             if cfg.validation_data:
                 val_path = Path(cfg.validation_data)
@@ -515,8 +519,6 @@ def main(cfg: ConditionConfig) -> ConditionResult:
             else:
                 val_data = plain
             validation = build_validation_set(val_data, cfg.num_validation, cfg.condition, cfg.seed)
-            polarity = estimate_polarity((tensor_to_image(it["image"]), item_instances(it))
-                                         for it in (plain[i] for i in range(min(len(plain), 64))))
 
         # Optimizer, loss scaler, EMA, data order and the generators of noise and prompt dropping.
         groups = [param_group("control", control.parameters(), lr=cfg.lr)]
