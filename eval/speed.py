@@ -352,6 +352,156 @@ for _name, (_preset, _checkpointing) in TRAIN_STEP_VARIANTS.items():
 
 
 # ----------------------------------------------------------------------------------------------
+# control-step: one ControlNet training step (train.condition's) vs diffusers ControlNetModel + UNet
+# ----------------------------------------------------------------------------------------------
+
+# benchmark name -> (SD preset of the UNet and its control copy, gradient checkpointing)
+CONTROL_STEP_VARIANTS: dict[str, tuple[str, bool]] = {
+    "control-step": ("sd15", False),
+    "control-step-tiny": ("tiny", False),
+    "control-step-ckpt": ("sd15", True),
+}
+
+
+def control_step_child(implementation: str, preset_name: str, checkpointing: bool, options: dict) -> dict:
+    """One implementation's control training steps, run in a fresh process (see `bench_control_step`).
+
+    A step, as train.condition runs it: autocast forward of the control copy on (x_t, t, context,
+    hint), the frozen UNet with its residuals, float32 MSE, (scaled) backward, then
+    train.optim.optimizer_step on the control's parameters (unscale, clip to 1.0, fused AdamW,
+    zero_grad). The control trains in float32; the frozen UNet is stored in cfg.dtype, which is also
+    the autocast precision (train.condition's --precision; diffusers' train_controlnet.py does the
+    same with its weight_dtype). Memory is measured as in `train_step_child`: peak RSS (CPU) or
+    peak allocated CUDA memory minus what was in use before the networks were built.
+    """
+    import resource
+
+    import torch.nn.functional as F
+
+    from model.controlnet import ControlNet, hint_widths_for
+    from model.stable_diffusion import preset
+    from model.unet import UNet
+    from train.condition import controlled_output
+    from train.optim import build_adamw, optimizer_step, param_group
+    from train.precision import autocast, make_grad_scaler, precision_dtype
+
+    cfg = SpeedConfig(**options)
+    device, dtype = torch.device(cfg.device), precision_dtype(cfg.dtype)
+    unet_config = preset(preset_name).unet
+    if implementation == "reference":
+        from diffusers import ControlNetModel, UNet2DConditionModel
+
+        from weights.configs import unet_config_to_diffusers
+        reference_config = {k: v for k, v in unet_config_to_diffusers(unet_config, cfg.latent).items()
+                            if not k.startswith("_")}
+    _warm_process(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() if device.type == "cuda" else _rss_bytes()
+
+    torch.manual_seed(cfg.seed)
+    if implementation == "ours":
+        unet = UNet(unet_config).to(device)
+        control = ControlNet.from_unet(unet)
+        unet.set_gradient_checkpointing(checkpointing)
+        control.set_gradient_checkpointing(checkpointing)
+        forward = lambda x, t, context, hint: controlled_output(unet, control, x, t, context, hint)  # noqa: E731
+    else:
+        unet = UNet2DConditionModel(**reference_config).to(device)
+        control = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=hint_widths_for(
+            unet_config.model_channels))
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+            control.enable_gradient_checkpointing()
+
+        def forward(x, t, context, hint):
+            down, mid = control(x, t, encoder_hidden_states=context, controlnet_cond=hint, return_dict=False)
+            return unet(x, t, encoder_hidden_states=context, down_block_additional_residuals=down,
+                        mid_block_additional_residual=mid).sample
+    unet.requires_grad_(False).train()  # train(): the reference checkpoints only in training mode
+    if dtype != torch.float32:
+        unet.to(dtype)
+    control.requires_grad_(True).train()
+    params = list(control.parameters())
+    optimizer = build_adamw([param_group("control", params, lr=1e-5)])
+    scaler = make_grad_scaler(cfg.dtype, device)
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    x = torch.randn(cfg.batch, 4, cfg.latent, cfg.latent, generator=g).to(device)
+    target = torch.randn(cfg.batch, 4, cfg.latent, cfg.latent, generator=g).to(device)
+    t = torch.randint(0, 1000, (cfg.batch,), generator=g).to(device)
+    context = torch.randn(cfg.batch, 77, unet_config.context_dim, generator=g).to(device)
+    hint = torch.rand(cfg.batch, 3, 8 * cfg.latent, 8 * cfg.latent, generator=g).to(device)
+
+    def step() -> None:
+        with autocast(device, cfg.dtype):
+            pred = forward(x, t, context, hint)
+        loss = F.mse_loss(pred.float(), target)
+        scaler.scale(loss).backward()
+        optimizer_step(optimizer, scaler, params, max_grad_norm=1.0)
+
+    ms = median_ms({"step": step}, cfg.device, cfg.warmup, cfg.repeats, cfg.clock)["step"]
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before  # ru_maxrss is KiB on Linux
+    return {"ms": ms, "peak_bytes": peak, "params": sum(p.numel() for p in params)}
+
+
+def bench_control_step(cfg: SpeedConfig, name: str = "control-step") -> dict:
+    """One control training step (control forward, frozen UNet with the residuals, backward, clip,
+    AdamW on the control) of ours (model/controlnet.py + model/unet.py, train.condition's
+    `controlled_output`) vs diffusers' ControlNetModel + UNet2DConditionModel at the same config,
+    batch, latent size and precision (--dtype: the frozen UNet's dtype and the autocast precision;
+    the control trains in float32 in both).
+
+        python -m eval.speed control-step-tiny --batch 2 --latent 8 --repeats 20 --clock process
+        python -m eval.speed control-step --batch 1 --latent 32 --repeats 3 --clock process   # ~10 GB RAM each
+        python -m eval.speed control-step-ckpt --device cuda --dtype bf16 --batch 4 --latent 64 --repeats 10 --warmup 3
+
+    As `bench_train_step`: each implementation in its own fresh process (order ours, diffusers,
+    diffusers, ours; medians of the times, the larger peak memory of the two runs).
+    """
+    import json
+    import os
+    import subprocess
+
+    preset_name, checkpointing = CONTROL_STEP_VARIANTS[name]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs: dict[str, list[dict]] = {"ours": [], "reference": []}
+    for implementation in ("ours", "reference", "reference", "ours"):
+        code = (f"import json, sys; sys.path.insert(0, {root!r}); from eval.speed import control_step_child; "
+                f"print(json.dumps(control_step_child({implementation!r}, {preset_name!r}, {checkpointing!r}, "
+                f"{dict(vars(cfg))!r})))")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+        if proc.returncode != 0:
+            raise RuntimeError(f"eval.speed {name}: the {implementation} process failed:\n{proc.stderr[-3000:]}")
+        runs[implementation].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    ours_ms = statistics.median(r["ms"] for r in runs["ours"])
+    reference_ms = statistics.median(r["ms"] for r in runs["reference"])
+    ours_mem = max(r["peak_bytes"] for r in runs["ours"])
+    reference_mem = max(r["peak_bytes"] for r in runs["reference"])
+    result = {"benchmark": name, "model": preset_name, "gradient_checkpointing": checkpointing,
+              "device": cfg.device, "dtype": cfg.dtype, "batch": cfg.batch, "latent": cfg.latent,
+              "control_params": runs["ours"][0]["params"], "reference_control_params": runs["reference"][0]["params"],
+              "ours_ms": ours_ms, "reference_ms": reference_ms, "time_ratio": ours_ms / reference_ms,
+              "ours_peak_mib": ours_mem / 2 ** 20, "reference_peak_mib": reference_mem / 2 ** 20,
+              "memory_ratio": ours_mem / reference_mem, "clock": cfg.clock}
+    print(f"{name} {preset_name}{' +checkpointing' if checkpointing else ''} {cfg.device} {cfg.dtype} "
+          f"batch {cfg.batch} latent {cfg.latent}: ours {ours_ms:.1f} ms, diffusers {reference_ms:.1f} ms, "
+          f"time ours/diffusers {result['time_ratio']:.3f} ({cfg.clock} time); peak memory ours "
+          f"{result['ours_peak_mib']:.0f} MiB, diffusers {result['reference_peak_mib']:.0f} MiB, "
+          f"ours/diffusers {result['memory_ratio']:.3f}")
+    return result
+
+
+for _name, (_preset, _checkpointing) in CONTROL_STEP_VARIANTS.items():
+    BENCHMARKS[_name] = (lambda cfg, name=_name: bench_control_step(cfg, name),
+                         f"one ControlNet training step (control copy + frozen {_preset} UNet, backward, clip, "
+                         f"AdamW){' with gradient checkpointing' if _checkpointing else ''}, ours vs diffusers: "
+                         f"time and peak memory, each in a fresh process")
+
+
+# ----------------------------------------------------------------------------------------------
 # synth: SADF synthesis throughput (sample.synthesize) vs diffusers' StableDiffusionControlNetPipeline
 # ----------------------------------------------------------------------------------------------
 
