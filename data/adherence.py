@@ -199,7 +199,8 @@ def adherence(generated: np.ndarray, driver: torch.Tensor | np.ndarray, instance
     docstring. instances: the (mask, category id) pairs painted into the driver (or a label map)."""
     generated = np.asarray(generated)
     if generated.dtype != np.uint8 or generated.ndim != 3 or generated.shape[2] != 3:
-        raise ValueError(f"adherence: expected a uint8 (H, W, 3) generated image, got {generated.dtype} {generated.shape}")
+        raise ValueError(f"adherence: expected a uint8 (H, W, 3) generated image, "
+                         f"got {generated.dtype} {generated.shape}")
     pairs = _as_instances(instances, generated.shape[:2])
     topology = topology_agreement(generated, driver, pairs, driver_config, config)
     effects = defect_effects(generated, pairs, config)

@@ -166,6 +166,16 @@ def test_uncached_augmented_batches_train_like_the_cache(demo_data, tmp_path):
 
 # --------------------------------------------------------------- hints, validation, export
 
+def test_validation_rounds_do_not_change_training(demo_data, tmp_path):
+    plain = condition.main(tiny_config(demo_data, tmp_path / "plain", steps=2, hflip=True))
+    validated = condition.main(tiny_config(demo_data, tmp_path / "validated", steps=2, hflip=True, validate_every=1,
+                                           num_validation=1, validation_steps=1))
+    assert [r["step"] for r in validated.validation] == [0, 1, 2]
+    assert validated.history == plain.history
+    assert all(torch.equal(a, b) for a, b in zip(plain.control.state_dict().values(),
+                                                 validated.control.state_dict().values()))
+
+
 def test_inpaint_hints_come_from_data_hints(demo_data):
     dataset = ConditionDataset(load_coco(demo_data / "annotations.json", progress=False), 64, return_masks=True)
     item = dataset[0]
@@ -181,7 +191,7 @@ def test_inpaint_run_validates_exports_and_generates_again(demo_data, tmp_path):
     save_ldm(random_pipeline("tiny", seed=5), tuned)
     cfg = tiny_config(demo_data, tmp_path / "run", steps=2, random_weights=False, ckpt=str(tuned),
                       condition="inpaint", validate_every=1, num_validation=2, validation_steps=2, ema=True,
-                      export_ema=True)
+                      export_ema=True, validation_data=str(demo_data / "annotations.json"))
     result = condition.main(cfg)
     out = tmp_path / "run"
 

@@ -235,7 +235,8 @@ def resolve_config(cfg: ConditionConfig, model: StableDiffusion, device: torch.d
         raise ValueError(f"train.condition: --drop-prompt-rate must be in [0, 1], got {cfg.drop_prompt_rate}")
     for name in ("batch_size", "grad_accum", "log_every", "validation_steps"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"train.condition: --{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+            raise ValueError(f"train.condition: --{name.replace('_', '-')} must be at least 1, "
+                             f"got {getattr(cfg, name)}")
     cfg.driver_config  # noqa: B018 - DriverConfig checks its own fields
     augmented = cfg.hflip or cfg.random_crop
     return replace(
@@ -243,6 +244,12 @@ def resolve_config(cfg: ConditionConfig, model: StableDiffusion, device: torch.d
         decoder_lr=cfg.decoder_lr if cfg.decoder_lr is not None else cfg.lr,
         resolution=cfg.resolution or model.config.image_size, prediction_type=model.prediction_type,
         device=device.type, cache_latents=cfg.cache_latents and not augmented)
+
+
+def read_coco(path: str) -> dict[str, Any]:
+    """A COCO folder holding annotations.json, or the COCO JSON file itself."""
+    path = Path(path)
+    return load_coco(path / "annotations.json" if path.is_dir() else path, progress=False)
 
 
 def load_base_model(cfg: ConditionConfig) -> StableDiffusion:
@@ -457,8 +464,10 @@ def export_control(model: StableDiffusion, control: ControlNet, cfg: ConditionCo
     if cfg.export_ema and ema is not None:
         with ema.applied(params):
             written["control_ema"] = save_control(control, out / "control_ema.safetensors")
-            ema_record = {**record, "ema": True, "base": "base.safetensors" if cfg.sd_locked else "base_ema.safetensors"}
-            add_safetensors_metadata(written["control_ema"], {CONDITION_METADATA_KEY: json.dumps(ema_record, sort_keys=True)})
+            ema_record = {**record, "ema": True,
+                          "base": "base.safetensors" if cfg.sd_locked else "base_ema.safetensors"}
+            add_safetensors_metadata(written["control_ema"],
+                                     {CONDITION_METADATA_KEY: json.dumps(ema_record, sort_keys=True)})
             if not cfg.sd_locked:
                 written["base_ema"] = save_ldm(model, out / "base_ema.safetensors")
     return written
@@ -496,8 +505,7 @@ def main(cfg: ConditionConfig) -> ConditionResult:
         contexts: dict[str, torch.Tensor] = {}  # prompt -> (77, D) context, filled as prompts come
 
         # Data: (image, hint, prompt) items, cached once when there is no augmentation.
-        data_path = Path(cfg.data)
-        coco = load_coco(data_path / "annotations.json" if data_path.is_dir() else data_path, progress=False)
+        coco = read_coco(cfg.data)
         plain = ConditionDataset(coco, cfg.resolution, cfg.driver_config, cfg.prompt_config, return_masks=True)
         dataset = plain if cfg.cache_latents else ConditionDataset(
             coco, cfg.resolution, cfg.driver_config, cfg.prompt_config, return_masks=True,
@@ -511,13 +519,10 @@ def main(cfg: ConditionConfig) -> ConditionResult:
             polarity = estimate_polarity((tensor_to_image(it["image"]), item_instances(it))
                                          for it in (plain[i] for i in range(min(len(plain), 64))))
         if info.is_main and cfg.num_validation:
+            val_data = plain
             if cfg.validation_data:
-                val_path = Path(cfg.validation_data)
-                val_coco = load_coco(val_path / "annotations.json" if val_path.is_dir() else val_path, progress=False)
-                val_data = ConditionDataset(val_coco, cfg.resolution, cfg.driver_config, cfg.prompt_config,
-                                            return_masks=True)
-            else:
-                val_data = plain
+                val_data = ConditionDataset(read_coco(cfg.validation_data), cfg.resolution, cfg.driver_config,
+                                            cfg.prompt_config, return_masks=True)
             validation = build_validation_set(val_data, cfg.num_validation, cfg.condition, cfg.seed)
 
         # Optimizer, loss scaler, EMA, data order and the generators of noise and prompt dropping.
@@ -568,7 +573,11 @@ def main(cfg: ConditionConfig) -> ConditionResult:
                                        {"order": order.state_dict()}, cfg.keep_last)
 
         def run_validation(step: int) -> None:
-            record = validate(model, unet, vae, text_encoder, control, validation, contexts, polarity, cfg, step)
+            # Samples come from their own seeded generators; fork_rng keeps training independent of
+            # when (and whether) validation runs, which may change on resume.
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                record = validate(model, unet, vae, text_encoder, control, validation, contexts, polarity, cfg,
+                                  step)
             validation_history.append(record)
             metrics.write(record)
             plot_metrics(out / "metrics.jsonl", out / "curves.png")
@@ -633,7 +642,8 @@ def main(cfg: ConditionConfig) -> ConditionResult:
                         bar.write(f"stopped by signal: saved step {done} under {ckpt_root}; "
                                   f"continue with --resume latest")
                     break
-                if validation is not None and cfg.validate_every and done % cfg.validate_every == 0 and done < cfg.steps:
+                if (validation is not None and cfg.validate_every and done % cfg.validate_every == 0
+                        and done < cfg.steps):
                     run_validation(done)
         bar.close()
 
