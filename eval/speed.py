@@ -409,7 +409,7 @@ def control_step_child(implementation: str, preset_name: str, checkpointing: boo
     else:
         unet = UNet2DConditionModel(**reference_config).to(device)
         control = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=hint_widths_for(
-            unet_config.model_channels))
+            unet_config.model_channels)).to(device)  # from_unet builds on the CPU
         if checkpointing:
             unet.enable_gradient_checkpointing()
             control.enable_gradient_checkpointing()
