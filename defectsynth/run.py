@@ -1,0 +1,721 @@
+"""The main job, end to end: `defectsynth run` (also `python -m defectsynth.run`).
+
+    defectsynth run                                           # the embedded demo: CPU, no downloads
+    defectsynth run --ckpt weights/checkpoints/v1-5-pruned-emaonly.safetensors \\
+        --data runs/mt/defects.json --free runs/mt/free.json --out runs/real
+    defectsynth run --config runs/demo/run_config.json --out runs/demo2   # a saved config, new folder
+    defectsynth run --print-config > my_run.json                        # the resolved config, to edit
+
+Stages, in order (each calls the stage script's own `main(cfg)`):
+
+    data        demo mode only: data.demo writes the annotated defect set and the defect-free images,
+                and (without --ckpt) extra defect-free surfaces from another seed for the prior
+    prior       without --ckpt: train.prior trains the tiny prior (the stand-in for SD's general prior)
+                on those surfaces (or on --free when --data is given)
+    concept     train.concept: DreamBooth with prior preservation on the annotated images (paper 4.1)
+    condition   train.condition: the control copy driven by topological drivers (paper 4.2)
+    synthesize  sample.synthesize: the self-annotated SADF COCO dataset (paper 4.3, 5.1)
+    evaluate    eval.paper: the paper's tables (Mask R-CNN, diversity, FID or FD-<extractor>)
+    report      OUT/report.md: the tables, sample grids, curves, per-stage times (rewritten every run)
+
+Modes: no --ckpt and no --data is the embedded demo (procedural data, tiny prior, settings sized
+for 2 CPU cores, `demo_stage_configs`); --ckpt and --data is the real run with the paper's settings
+(the stage scripts' defaults). Either may be given alone: --ckpt alone runs real SD on the demo
+data; --data alone trains the tiny prior on your defect-free images.
+
+Resuming: a stage is finished when its marker OUT/stages/<stage>.json exists (written by this
+module after the stage's main returned with every output in place; it records the stage's
+config and its wall time, CPU time and peak memory). A rerun of the same command skips finished
+stages and calls the unfinished one again, which continues from its own progress markers
+(training checkpoints with their COMPLETE marker and `--resume latest`, synthesis records and
+sadf.json, Mask R-CNN phases' DONE markers). A finished stage whose config has changed since is an
+error (use a new --out), never a silent mix of two runs.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from data.demo import DemoConfig
+from defectsynth.runconfig import add_dataclass_arguments, config_to_dict, load_config_json, save_config_json
+from eval.paper import PaperConfig
+from sample.synthesize import SynthesizeConfig
+from train.concept import ConceptConfig
+from train.condition import ConditionConfig
+from train.prior import PriorConfig
+
+STAGES = ("data", "prior", "concept", "condition", "synthesize", "evaluate")
+STAGE_DIRS = {"data": "data", "prior": "prior", "concept": "concept", "condition": "condition",
+              "synthesize": "sadf", "evaluate": "eval"}
+MARKERS = "stages"  # OUT/stages/<stage>.json: the run's completion marker of each stage
+# Stage-config fields that may differ between a finished stage and a rerun (bookkeeping only).
+BOOKKEEPING = frozenset({"progress", "resume", "device", "log_every", "checkpoint_every", "keep_last", "batch",
+                         "max_images", "sheet_pairs", "save_drivers"})
+
+
+class RunStopped(RuntimeError):
+    """A stage stopped before finishing (signal, --max-images); rerunning the command continues it."""
+
+
+# ---------------------------------------------------------------------------------------- config
+
+@dataclass(frozen=True)
+class RunFlags:
+    """Run the whole pipeline: (demo data ->) (tiny prior ->) concept -> condition -> synthesis -> evaluation."""
+
+    out: str = field(default="runs/demo", metadata={"help": "output (report) folder"})
+    ckpt: str = field(default="", metadata={
+        "help": "SD 1.x/2.x checkpoint (file or diffusers folder); empty: train the tiny prior (demo)"})
+    data: str = field(default="", metadata={
+        "help": "annotated defect images: COCO JSON (or a folder holding annotations.json); empty: the demo dataset"})
+    free: str = field(default="", metadata={
+        "help": "defect-free images: a folder or a COCO JSON (required with --data)"})
+    resolution: int = field(default=0, metadata={
+        "help": "image side for every stage, a multiple of 64 (0: 128 for the demo, else the model's native size)"})
+    seed: int = field(default=0, metadata={"help": "run seed, passed to every stage"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu, cuda"})
+    threads: int = field(default=0, metadata={
+        "help": "torch CPU threads (0: auto = cores minus the current load average, at least 1)"})
+    inception_weights: str = field(default="", metadata={
+        "help": "pt_inception-2015-12-05-6726825d.pth for FID (else the FD column uses --feature-extractor)"})
+    feature_extractor: str = field(default="", metadata={
+        "help": "FD features when there is no Inception file (empty: 'pixels' for the demo; see eval.features)"})
+    stop_after: str = field(default="", metadata={
+        "help": "stop after this stage (for testing resumption)", "choices": ["", *STAGES]})
+
+
+@dataclass(frozen=True)
+class RunConfig(RunFlags):
+    """RunFlags plus every stage's settings. A None stage config takes the mode's defaults (the demo's
+    for the demo, the stage script's, i.e. the paper's, otherwise); the saved run_config.json holds
+    them resolved, so `--config` reproduces a run exactly. Paths, seed, device and resolution in the
+    stage configs are always set by the run (their values in a config file are ignored)."""
+
+    demo_data: DemoConfig | None = None
+    prior_images: int = 256
+    prior: PriorConfig | None = None
+    concept: ConceptConfig | None = None
+    condition: ConditionConfig | None = None
+    synthesize: SynthesizeConfig | None = None
+    evaluate: PaperConfig | None = None
+
+    @property
+    def demo(self) -> bool:
+        return not self.ckpt and not self.data
+
+
+def demo_stage_configs() -> dict[str, Any]:
+    """The embedded demo's settings: the paper's recipe, sized to finish in about 15 minutes on two
+    CPU cores (steps, images and evaluation cut down; see the report for what that means)."""
+    return {
+        "demo_data": DemoConfig(num_defective=48, num_free=16),
+        "prior": PriorConfig(vae_steps=160, unet_steps=360, vae_batch_size=8, unet_batch_size=16, num_samples=16),
+        "concept": ConceptConfig(steps=150, lr=1e-4, num_class_images=32, class_steps=25, class_guidance=3.0,
+                                 class_batch_size=16, batch_size=4, checkpoint_every=50, validate_every=0,
+                                 num_validation_images=8, validation_steps=20, validation_guidance=3.0),
+        # lr 1e-3 (ControlNet: 1e-5): measured on this demo, adherence 0.05 -> 0.37 in 300 steps (1e-4: no change)
+        "condition": ConditionConfig(steps=400, lr=1e-3, batch_size=8, checkpoint_every=100, validate_every=100,
+                                     num_validation=8, validation_steps=20, validation_guidance=3.0),
+        "synthesize": SynthesizeConfig(variants=2, samples_per_driver=3, steps=20, guidance=3.0, batch=16,
+                                       sheet_pairs=6),
+        "evaluate": PaperConfig(iterations=10, batch_size=2, min_size=128, max_size=128, rois_per_image=64,
+                                detections_per_image=50, checkpoint_every=5, conditions=10, per_condition=3,
+                                diversity_size=128, fid_batch_size=64, kid_subsets=20),
+    }
+
+
+def resolve_run_config(cfg: RunConfig) -> RunConfig:
+    """Check the flags and fill every None stage config with the mode's defaults."""
+    if cfg.data and not cfg.free:
+        raise ValueError("defectsynth run: --data needs --free (the defect-free images the synthesis draws drivers from)")
+    if cfg.free and not cfg.data:
+        raise ValueError("defectsynth run: --free without --data; the demo makes its own defect-free images")
+    if cfg.stop_after and cfg.stop_after not in STAGES:
+        raise ValueError(f"defectsynth run: --stop-after must be one of {STAGES}, got {cfg.stop_after!r}")
+    defaults = demo_stage_configs() if cfg.demo else {
+        "demo_data": DemoConfig(), "prior": PriorConfig(), "concept": ConceptConfig(), "condition": ConditionConfig(),
+        "synthesize": SynthesizeConfig(), "evaluate": PaperConfig()}
+    if cfg.ckpt and not cfg.data:  # real SD on the demo data: the demo's data, the paper's training settings
+        defaults["demo_data"] = demo_stage_configs()["demo_data"]
+    filled = {name: getattr(cfg, name) if getattr(cfg, name) is not None else value for name, value in defaults.items()}
+    resolution = cfg.resolution or (128 if not cfg.ckpt else 0)
+    return replace(cfg, resolution=resolution, **filled)
+
+
+# ----------------------------------------------------------------------------------------- stages
+
+@dataclass
+class Stage:
+    """One stage of the plan: its folder, the config its main gets, what it must leave behind."""
+    name: str
+    folder: Path
+    config: Any
+    run: Callable[[], Any]
+    outputs: list[Path]
+
+
+def resolved_device(device: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def plan(cfg: RunConfig) -> list[Stage]:
+    """Every stage with its wired config (paths from one stage to the next, seed, device, resolution)."""
+    out = Path(cfg.out)
+    folder = {name: out / sub for name, sub in STAGE_DIRS.items()}
+    stages: list[Stage] = []
+
+    # Data: the annotated set, defect-free images, and the prior's surfaces.
+    if cfg.demo or not cfg.data:
+        demo = replace(cfg.demo_data, out=str(folder["data"]), seed=cfg.seed)
+        annotated, free = folder["data"] / "annotations.json", folder["data"] / "free.json"
+    else:
+        demo = None
+        data = Path(cfg.data)
+        annotated, free = (data / "annotations.json" if data.is_dir() else data), Path(cfg.free)
+    prior_source = None
+    if not cfg.ckpt:
+        prior_source = folder["data"] / "prior_surfaces" / "free.json" if demo is not None else free
+    surfaces = None
+    if demo is not None and not cfg.ckpt:
+        # Generic surfaces from another seed, without defects: the prior never sees the annotated set.
+        surfaces = replace(demo, out=str(folder["data"] / "prior_surfaces"), seed=cfg.seed + 1000,
+                           num_defective=0, num_free=cfg.prior_images)
+    if demo is not None:
+        def make_data(demo=demo, surfaces=surfaces):
+            from data.demo import make_demo_dataset
+            make_demo_dataset(demo)
+            if surfaces is not None:
+                make_demo_dataset(surfaces)
+        outputs = [annotated, free] + ([Path(surfaces.out) / "free.json"] if surfaces else [])
+        stages.append(Stage("data", folder["data"], {"demo": demo, "prior_surfaces": surfaces}, make_data, outputs))
+
+    device = resolved_device(cfg.device)
+    concept_cfg = cfg.concept
+    if not cfg.ckpt:
+        caption = concept_cfg.prompt_template.format(concept_cfg.class_noun)  # the prior knows the class prompt
+        prior = replace(cfg.prior, data=str(prior_source), out=str(folder["prior"]), resolution=cfg.resolution,
+                        caption=caption, eval_data=str(annotated), seed=cfg.seed, device=device, resume="latest")
+        stages.append(Stage("prior", folder["prior"], prior, _call("train.prior", prior),
+                            [folder["prior"] / "prior.safetensors"]))
+        base = folder["prior"] / "prior.safetensors"
+    else:
+        base = Path(cfg.ckpt)
+
+    concept = replace(concept_cfg, ckpt=str(base), random_weights=False, data=str(annotated),
+                      out=str(folder["concept"]), resolution=cfg.resolution, seed=cfg.seed, device=device,
+                      resume="latest")
+    stages.append(Stage("concept", folder["concept"], concept, _call("train.concept", concept),
+                        [folder["concept"] / "concept.safetensors"]))
+    condition = replace(cfg.condition, ckpt=str(folder["concept"] / "concept.safetensors"), random_weights=False,
+                        data=str(annotated), out=str(folder["condition"]), resolution=cfg.resolution,
+                        identifier=concept.identifier, seed=cfg.seed, device=device, resume="latest")
+    stages.append(Stage("condition", folder["condition"], condition, _call("train.condition", condition),
+                        [folder["condition"] / "control.safetensors", folder["condition"] / "base.safetensors"]))
+    synthesize = replace(cfg.synthesize, ckpt=str(folder["condition"] / "base.safetensors"),
+                         control=str(folder["condition"] / "control.safetensors"), random_weights=False,
+                         free=str(free), masks=str(annotated), out=str(folder["synthesize"]),
+                         resolution=cfg.resolution, seed=cfg.seed, device=device)
+    stages.append(Stage("synthesize", folder["synthesize"], synthesize, _call("sample.synthesize", synthesize),
+                        [folder["synthesize"] / "sadf.json"]))
+    extractor = "inception" if cfg.inception_weights else (cfg.feature_extractor or ("pixels" if cfg.demo else "inception"))
+    evaluate = replace(cfg.evaluate, data=str(annotated), synthetic=str(folder["synthesize"] / "sadf.json"),
+                       out=str(folder["evaluate"]), seed=cfg.seed, device=device,
+                       feature_extractor=extractor, inception_weights=cfg.inception_weights or None)
+    stages.append(Stage("evaluate", folder["evaluate"], evaluate, _call("eval.paper", evaluate),
+                        [folder["evaluate"] / "report.json"]))
+    return stages
+
+
+def _call(module: str, config: Any) -> Callable[[], Any]:
+    """`module.main(config)`, imported when the stage runs."""
+    def run():
+        import importlib
+        return importlib.import_module(module).main(config)
+    return run
+
+
+def stage_stopped(result: Any) -> bool:
+    """Training results carry `stopped` (a signal saved a checkpoint and ended the loop)."""
+    return bool(getattr(result, "stopped", False))
+
+
+# ------------------------------------------------------------------------------- markers, timing
+
+def marker_path(out: Path, stage: str) -> Path:
+    return out / MARKERS / f"{stage}.json"
+
+
+def comparable(config: Any) -> dict[str, Any]:
+    """A stage config as a dict without the bookkeeping fields (for the changed-config check)."""
+    data = config_to_dict(config)
+    if isinstance(data, dict) and all(isinstance(v, dict) or v is None for v in data.values()):
+        return {k: comparable_dict(v) for k, v in data.items()}  # the data stage: two DemoConfigs
+    return comparable_dict(data)
+
+
+def comparable_dict(data: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if data is None else {k: v for k, v in data.items() if k not in BOOKKEEPING}
+
+
+def finished(stage: Stage, out: Path) -> bool:
+    """True when the stage's marker exists and its outputs are in place; an error when the stage
+    finished with another config."""
+    path = marker_path(out, stage.name)
+    if not path.is_file():
+        return False
+    marker = json.loads(path.read_text(encoding="utf-8"))
+    before, now = marker.get("config"), comparable(stage.config)
+    if before != now:
+        changed = sorted(k for k in set(before or {}) | set(now or {}) if (before or {}).get(k) != (now or {}).get(k))
+        raise ValueError(f"defectsynth run: stage {stage.name!r} in {out} finished with other settings "
+                         f"(changed: {', '.join(changed)}); use a new --out, or delete {stage.folder} "
+                         f"and the stages after it")
+    missing = [str(p) for p in stage.outputs if not p.exists()]
+    if missing:
+        print(f"defectsynth run: stage {stage.name} has a marker but lacks {missing}; running it again")
+        return False
+    return True
+
+
+def reset_peak_memory() -> None:
+    """Restart the kernel's peak-RSS counter of this process (Linux: VmHWM), so each stage's peak
+    is its own. Elsewhere the peak is the process's so far."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory since the last reset (VmHWM), else since the process started."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def log_event(out: Path, record: dict[str, Any]) -> None:
+    """Append one line to OUT/run_log.jsonl (every stage attempt: ran / skipped / failed, times)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "run_log.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def pick_threads(requested: int) -> int:
+    """Torch CPU threads: `requested`, or (0) the idle cores: cores minus the 1-minute load average.
+    On a shared machine extra threads only wait on each other (measured: a tiny VAE step 10x slower
+    with 2 threads than with 1 at load 7 on 2 cores)."""
+    if requested > 0:
+        return requested
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    return max(1, min(cores, int(round(cores - load))))
+
+
+# ------------------------------------------------------------------------------------------ main
+
+@dataclass
+class RunResult:
+    out: Path
+    ran: list[str]
+    skipped: list[str]
+    stopped_after: str | None
+    report: Path | None
+
+
+def main(cfg: RunConfig) -> RunResult:
+    cfg = resolve_run_config(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = plan(cfg)
+    # Which stages are finished (an error if one finished with other settings), checked before
+    # anything runs or is written; a finished stage after an unfinished one would mix two runs.
+    done = {stage.name: finished(stage, out) for stage in stages}
+    for i, stage in enumerate(stages):
+        later = [s.name for s in stages[i + 1:] if done[s.name]]
+        if not done[stage.name] and later:
+            raise ValueError(f"defectsynth run: stage {stage.name!r} must run again, but the later stage(s) "
+                             f"{later} finished from its old outputs; delete their folders and markers "
+                             f"({', '.join(str(s.folder) for s in stages[i + 1:])}, {out / MARKERS}/<stage>.json) "
+                             f"or use a new --out")
+    threads = pick_threads(cfg.threads)
+    torch.set_num_threads(threads)
+    save_config_json(cfg, out / "run_config.json")
+    mode = "demo (procedural data, tiny prior)" if cfg.demo else f"real (--ckpt {cfg.ckpt or 'tiny prior'})"
+    print(f"defectsynth run: {mode} -> {out}; {threads} torch thread(s); load average "
+          f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    ran, skipped, stopped_after = [], [], None
+    started = time.perf_counter()
+    for stage in stages:
+        if done[stage.name]:
+            skipped.append(stage.name)
+            log_event(out, {"stage": stage.name, "event": "skipped", "time": _now()})
+            print(f"defectsynth run: [{stage.name}] finished earlier, skipped")
+        else:
+            print(f"defectsynth run: [{stage.name}] running -> {stage.folder}")
+            stage.folder.mkdir(parents=True, exist_ok=True)
+            gc.collect()
+            reset_peak_memory()
+            wall, cpu = time.perf_counter(), time.process_time()
+            try:
+                result = stage.run()
+            except BaseException as err:
+                log_event(out, {"stage": stage.name, "event": "failed", "time": _now(),
+                                "seconds": time.perf_counter() - wall, "error": repr(err)[:500]})
+                raise
+            seconds, cpu_seconds, peak = time.perf_counter() - wall, time.process_time() - cpu, peak_memory_mb()
+            missing = [str(p) for p in stage.outputs if not p.exists()]
+            if stage_stopped(result) or missing:
+                log_event(out, {"stage": stage.name, "event": "stopped", "time": _now(), "seconds": seconds})
+                raise RunStopped(f"defectsynth run: stage {stage.name} stopped before finishing"
+                                 + (f" (missing {missing})" if missing else "") + "; rerun the same command to continue")
+            del result
+            record = {"stage": stage.name, "completed": _now(), "seconds": seconds, "cpu_seconds": cpu_seconds,
+                      "peak_rss_mb": peak, "threads": threads, "load_average": os.getloadavg()[0],
+                      "outputs": [str(p) for p in stage.outputs], "config": comparable(stage.config)}
+            marker_path(out, stage.name).parent.mkdir(parents=True, exist_ok=True)
+            write_json(marker_path(out, stage.name), record)  # the stage's completion marker, written last
+            log_event(out, {"stage": stage.name, "event": "ran", "time": _now(), "seconds": seconds,
+                            "cpu_seconds": cpu_seconds, "peak_rss_mb": peak})
+            ran.append(stage.name)
+            print(f"defectsynth run: [{stage.name}] done in {seconds:.1f} s (CPU {cpu_seconds:.1f} s, "
+                  f"peak RSS {peak:.0f} MB)")
+        if cfg.stop_after == stage.name:
+            stopped_after = stage.name
+            print(f"defectsynth run: stopping after {stage.name} (--stop-after); rerun without it to continue")
+            break
+    report_path = None
+    if stopped_after is None:
+        report_path = write_report(cfg, stages, out, threads, time.perf_counter() - started)
+        print(f"defectsynth run: wrote {report_path}")
+    return RunResult(out, ran, skipped, stopped_after, report_path)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    from data.files import write_json_atomic
+    write_json_atomic(path, obj, indent=2)
+
+
+# ---------------------------------------------------------------------------------------- report
+
+DEMO_BANNER = (
+    "> **This is the embedded demo, not the paper's experiment.** Procedural {size} px images ({n_def} defective, "
+    "{n_free} defect-free), and instead of Stable Diffusion a tiny model of SD's architecture (about 2.7M "
+    "parameters) trained here from scratch in minutes on the CPU; every stage runs a few hundred steps instead "
+    "of thousands. The numbers below show that the pipeline runs end to end and what each stage produced. "
+    "They say nothing about what the method achieves with SD 1.5 on real data; the `paper*` columns quote "
+    "the paper's numbers on its own data for the shape of the results only.")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not Path(path).is_file():
+        return []
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _last(folder: Path, pattern: str) -> Path | None:
+    found = sorted(Path(folder).glob(pattern)) if Path(folder).is_dir() else []
+    return found[-1] if found else None
+
+
+def _figure(src: Path | None, figures: Path, name: str) -> str | None:
+    """Copy `src` into OUT/figures/ under `name`; the report links the copy (relative path)."""
+    if src is None or not Path(src).is_file():
+        return None
+    figures.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, figures / name)
+    return f"figures/{name}"
+
+
+def _stage_times(out: Path) -> list[list[str]]:
+    """Rows of the per-stage table from the markers and run_log.jsonl (every attempt counted)."""
+    log = _read_jsonl(out / "run_log.jsonl")
+    rows = []
+    total_wall = total_cpu = 0.0
+    for name in STAGES:
+        marker = _read_json(marker_path(out, name))
+        if marker is None:
+            continue
+        attempts = [r for r in log if r.get("stage") == name and r.get("event") in ("ran", "stopped", "failed")]
+        all_seconds = sum(r.get("seconds", 0.0) for r in attempts)
+        total_wall += marker["seconds"]
+        total_cpu += marker["cpu_seconds"]
+        rows.append([name, f"{marker['seconds']:.1f}", f"{marker['cpu_seconds']:.1f}", f"{marker['peak_rss_mb']:.0f}",
+                     str(marker.get("threads", "")), f"{marker.get('load_average', float('nan')):.1f}",
+                     f"{len(attempts)} ({all_seconds:.0f} s)" if len(attempts) > 1 else "1"])
+    rows.append(["**total**", f"**{total_wall:.1f}**", f"**{total_cpu:.1f}**", "", "", "", ""])
+    return rows
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _concept_curves(concept_dir: Path, path: Path) -> Path | None:
+    from train.plot import Curve, plot_curves
+    records = [r for r in _read_jsonl(concept_dir / "metrics.jsonl") if "loss" in r]
+    if not records:
+        return None
+    curves = [Curve("concept loss", [r["step"] for r in records], [r["loss"] for r in records])]
+    if "prior_loss" in records[0]:
+        curves.append(Curve("instance / prior loss (prior)", [r["step"] for r in records],
+                            [r["prior_loss"] for r in records]))
+    return plot_curves(curves, path)
+
+
+def _class_image_grid(concept_dir: Path, path: Path, count: int = 16) -> Path | None:
+    from data.images import read_image, image_to_tensor
+    from train.monitor import save_image_grid
+    files = sorted((concept_dir / "class_images").glob("*.png"))[:count]
+    if not files:
+        return None
+    return save_image_grid(torch.stack([image_to_tensor(read_image(f)) for f in files]), path)
+
+
+def write_report(cfg: RunConfig, stages: list[Stage], out: Path, threads: int, seconds: float) -> Path:
+    """OUT/report.md: what ran, per-stage times, each stage's results and pictures, the evaluation
+    tables (from eval.paper) and plain words on what the numbers mean."""
+    figures = out / "figures"
+    folder = {s.name: s.folder for s in stages}
+    conf = {s.name: s.config for s in stages}  # the wired configs each stage ran with
+    parts: list[str] = []
+    title = "defectsynth demo run" if cfg.demo else "defectsynth run"
+    parts.append(f"# {title}\n\nOutput folder `{out}`; config `run_config.json` (rerun: "
+                 f"`defectsynth run --config {out / 'run_config.json'} --out NEW_FOLDER`).")
+    if cfg.demo:
+        parts.append(DEMO_BANNER.format(size=cfg.demo_data.size, n_def=cfg.demo_data.num_defective,
+                                        n_free=cfg.demo_data.num_free))
+    notes: list[str] = []
+
+    # Per-stage times.
+    parts.append("## Stages: wall time, CPU time, peak memory\n\n" + _table(
+        ["stage", "wall s", "CPU s", "peak RSS MB", "threads", "load avg", "attempts"], _stage_times(out)) +
+        f"\n\nWall time of this call (stages it skipped not counted): {seconds:.1f} s. CPU s counts all threads of the process; peak RSS is each "
+        f"stage's own peak (Linux VmHWM, reset per stage); load avg is the machine's 1-minute load when the stage "
+        f"ended (other jobs slow the stages down). Per-attempt log: `run_log.jsonl`.")
+
+    # Prior.
+    if "prior" in folder:
+        prior = _read_json(folder["prior"] / "prior.json") or {}
+        psnr = prior.get("psnr_db", {})
+        flat = prior.get("psnr_flat_db", {})
+        lines = [f"The tiny prior (train.prior) stands in for SD's general prior: VAE {prior.get('vae_steps')} steps, "
+                 f"text-to-image UNet {prior.get('unet_steps')} steps on {prior.get('images')} generic surfaces "
+                 f"(no defects), caption `{conf['prior'].caption}`."]
+        for key, label in (("train", "training surfaces"), ("eval", "annotated defect images (never seen)")):
+            if key in psnr:
+                lines.append(f"- VAE reconstruction PSNR on {label}: **{psnr[key]:.2f} dB** (each image replaced by "
+                             f"its mean colour scores {flat.get(key, float('nan')):.2f} dB)")
+        if psnr and flat and all(psnr[k] - flat.get(k, 0) < 3.0 for k in psnr):
+            notes.append("The tiny VAE barely beats a flat mean-colour image (PSNR within 3 dB): it keeps the "
+                         "shading and colour of a surface but little of its texture or thin defects, so every "
+                         "generated image is blurrier than the data.")
+        elif psnr and flat:
+            gain = min(psnr[k] - flat.get(k, 0) for k in psnr)
+            notes.append(f"The tiny VAE reconstructs at least {gain:.1f} dB better than a flat mean-colour image, "
+                         f"i.e. it keeps the shading; its reconstructions (figures/prior_reconstructions.png) show "
+                         f"what it blurs away (brushed streaks, 1-pixel cracks and scratches). Everything generated "
+                         f"later goes through this decoder, so no image can be sharper than that.")
+        for name, src in (("prior_reconstructions.png", folder["prior"] / "reconstructions.png"),
+                          ("prior_samples.png", _last(folder["prior"] / "samples", "*.png")),
+                          ("prior_curves.png", folder["prior"] / "curves.png")):
+            link = _figure(src, figures, name)
+            if link:
+                caption = {"prior_reconstructions.png": "originals / reconstructions (surfaces, then defect images)",
+                           "prior_samples.png": "prior samples of the caption (DDIM, CFG)",
+                           "prior_curves.png": "VAE and UNet training loss"}[name]
+                lines.append(f"\n![{caption}]({link})  \n*{caption}*")
+        parts.append("## The prior\n\n" + "\n".join(lines))
+
+    # Concept.
+    concept_dir = folder["concept"]
+    concept_metrics = [r for r in _read_jsonl(concept_dir / "metrics.jsonl") if "loss" in r]
+    cc = conf["concept"]
+    lines = [f"DreamBooth with prior preservation (train.concept) from `{cc.ckpt}`: {cc.steps} steps, prompt "
+             f"`{cc.prompt_template.format(cc.identifier)}`, {cc.num_class_images} class images of "
+             f"`{cc.prompt_template.format(cc.class_noun)}` ({cc.class_sampler} {cc.class_steps} steps, guidance "
+             f"{cc.class_guidance})."]
+    if concept_metrics:
+        first, last = concept_metrics[0], concept_metrics[-1]
+        lines.append(f"- loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']})")
+    for name, src in (("concept_loss.png", _concept_curves(concept_dir, figures / "concept_loss.png")),
+                      ("concept_class_images.png", _class_image_grid(concept_dir, figures / "concept_class_images.png")),
+                      ("concept_samples.png", _last(concept_dir / "samples", "*.png"))):
+        link = f"figures/{name}" if src is not None and Path(src).parent == figures else _figure(src, figures, name)
+        if link:
+            caption = {"concept_loss.png": "concept loss (and its prior-preservation term)",
+                       "concept_class_images.png": "class images drawn by the base model",
+                       "concept_samples.png": "samples of the instance prompt after the concept phase"}[name]
+            lines.append(f"\n![{caption}]({link})  \n*{caption}*")
+    parts.append("## Learn the concept\n\n" + "\n".join(lines))
+
+    # Condition.
+    condition_dir = folder["condition"]
+    validation = [r for r in _read_jsonl(condition_dir / "metrics.jsonl") if "adherence" in r]
+    co = conf["condition"]
+    lines = [f"The control copy (train.condition): {co.steps} steps, hint `{co.condition}`, prompts dropped "
+             f"with p={co.drop_prompt_rate}."]
+    if validation:
+        first, last = validation[0], validation[-1]
+        source = last.get("adherence_source")
+        lines.append(f"- condition adherence (0..1, data/adherence.py: topology of the sample vs its driver and "
+                     f"defect contrast inside the masks) {first['adherence']:.3f} at step {first['step']} -> "
+                     f"**{last['adherence']:.3f}** at step {last['step']}"
+                     + (f"; the source images themselves score {source:.3f}" if source is not None else ""))
+        if last["adherence"] - first["adherence"] < 0.05:
+            notes.append(f"The control barely changed the samples' adherence to their drivers "
+                         f"({first['adherence']:.3f} -> {last['adherence']:.3f}): in {co.steps} steps "
+                         f"it has not learned to follow the driver (ControlNet training converges suddenly, "
+                         f"usually after thousands of steps), so the SADF masks annotate defects the images do "
+                         f"not show.")
+        elif last["adherence"] < 0.75 * (source if source is not None else 1.0):
+            notes.append(f"The control learned to follow its drivers in part: adherence {first['adherence']:.3f} "
+                         f"at step 0 -> {last['adherence']:.3f} after {co.steps} steps, against "
+                         f"{source if source is not None else 1.0:.3f} for the real images. Some SADF masks "
+                         f"therefore annotate defects the images show faintly or not at all (see the contact "
+                         f"sheet), which is what a detector trained on them learns from.")
+    for name, src in (("condition_curves.png", condition_dir / "curves.png"),
+                      ("condition_validation.png", _last(condition_dir / "validation", "*.png"))):
+        link = _figure(src, figures, name)
+        if link:
+            caption = {"condition_curves.png": "training loss and condition adherence",
+                       "condition_validation.png": "validation: driver | sample, last round"}[name]
+            lines.append(f"\n![{caption}]({link})  \n*{caption}*")
+    parts.append("## Learn the condition\n\n" + "\n".join(lines))
+
+    # Synthesis.
+    sadf_dir = folder["synthesize"]
+    sadf, sy = _read_json(sadf_dir / "sadf.json") or {}, conf["synthesize"]
+    info = sadf.get("info", {})
+    lines = [f"The SADF dataset (sample.synthesize): `{sadf_dir / 'sadf.json'}`, COCO with RLE masks known by "
+             f"construction: **{len(sadf.get('images', []))} images, {len(sadf.get('annotations', []))} instances** "
+             f"({info.get('images_planned', '?')} planned = defect-free images x {sy.variants} augmentations x "
+             f"{sy.samples_per_driver} samples; {info.get('dropped', 0)} dropped by the blank/non-finite guard; "
+             f"{sy.sampler} {sy.steps} steps, guidance {sy.guidance})."]
+    link = _figure(sadf_dir / "contact_sheet.png", figures, "sadf_contact_sheet.png")
+    if link:
+        lines.append(f"\n![driver | generated images]({link})  \n*each row: the driver (hint), then samples drawn "
+                     f"from it; the painted masks are the samples' annotations*")
+    parts.append("## Synthesize the SADF dataset\n\n" + "\n".join(lines))
+
+    # Evaluation.
+    eval_dir = folder["evaluate"]
+    report = _read_json(eval_dir / "report.json") or {}
+    body = (eval_dir / "report.md").read_text(encoding="utf-8") if (eval_dir / "report.md").is_file() else ""
+    body = body.split("\n", 1)[1].strip() if body.startswith("# ") else body
+    body = body.replace("\n## ", "\n### ")
+    ev = conf["evaluate"]
+    lines = [f"eval.paper on the held-out {ev.test_fraction:.0%} of the annotated set: Mask R-CNN "
+             f"{ev.iterations} iteration(s) per training phase at {ev.min_size} px, "
+             + ("from scratch" if not ev.init_weights else f"initialised from {ev.init_weights}") + "; "
+             + ("FID with the Inception weights." if ev.feature_extractor == "inception" else
+                f"no Inception weights given, so FID is **not run**; the distance column is "
+                f"**FD-{ev.feature_extractor}** (see below), which is not FID.")]
+    if cfg.demo:
+        lines.append(f"\n> Demo evaluation: {report.get('tables', {}).get('1', {}).get('n_test_images', '?')} test "
+                     f"images, a few CPU iterations. Read these tables as a check that the evaluation runs.")
+    lines.append("\n" + body)
+    maps = [e["entry"]["mean"].get("segm_map") for t in ("1", "2")
+            for e in report.get("tables", {}).get(t, {}).get("rows", []) if "mean" in e.get("entry", {})]
+    if maps and max(v for v in maps if v is not None) < 0.02:
+        notes.append(f"Mask R-CNN learned almost nothing (every segm mAP below 0.02) in {ev.iterations} "
+                     f"iteration(s) per phase: with this little training the tables cannot tell which training "
+                     f"data is better. The real run trains {PaperConfig().iterations} iterations at "
+                     f"{PaperConfig().min_size} px, and `--init-weights` starts from a pretrained detector.")
+    if ev.feature_extractor == "pixels":
+        notes.append("FD-pixels is the Frechet distance between Gaussians fitted to 8x8 area-downsampled RGB "
+                     "images (192 numbers per image, eval/features.py): it compares colour and brightness layout, "
+                     "not texture or defects, and is not comparable with FID. Give "
+                     "`--inception-weights pt_inception-2015-12-05-6726825d.pth` for FID.")
+    if ev.feature_extractor == "inception-random":
+        notes.append("FD-inception-random uses the FID network with seeded random weights: a distance between "
+                     "random convolutional features, not FID and not comparable with FID numbers.")
+    notes.append("Table 3's inpainting baseline and Table 4's no-concept ablation need two more trained controls "
+                 "and syntheses, which `defectsynth run` does not make; their rows say \"not run\".")
+    parts.append("## Evaluation\n\n" + "\n".join(lines))
+
+    parts.append("## What the numbers mean\n\n" + "\n".join(f"- {n}" for n in notes))
+    parts.append("## Files\n\n" + "\n".join(f"- `{s.folder.relative_to(out)}/`: {s.name}" for s in stages)
+                 + "\n- `figures/`: the pictures above\n- `stages/`: completion markers with each stage's config "
+                 "and times\n- `run_config.json`, `run_log.jsonl`")
+    path = out / "report.md"
+    from eval.report import write_text_atomic
+    write_text_atomic(path, "\n\n".join(parts) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="defectsynth run", description=(RunFlags.__doc__ or "").strip(),
+                                     epilog="Stage settings live in the JSON config (see --print-config).")
+    parser.add_argument("--config", default="", help="a run config JSON (OUT/run_config.json of an earlier run, "
+                                                      "or --print-config's output); flags given here override it")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    add_dataclass_arguments(parser, RunFlags)
+    return parser
+
+
+def config_from_argv(argv: list[str] | None) -> tuple[RunConfig, bool]:
+    """(config, print only). Flags override --config; only flags given on the command line count."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    for action in parser._actions:  # a second parse without defaults tells which flags were given
+        action.default = argparse.SUPPRESS
+    given = vars(parser.parse_args(argv))
+    given.pop("config", None), given.pop("print_config", None)
+    base = load_config_json(RunConfig, args.config) if args.config else RunConfig()
+    return replace(base, **given), args.print_config
+
+
+def cli(argv: list[str] | None = None) -> int:
+    cfg, print_only = config_from_argv(argv)
+    if print_only:
+        print(json.dumps(config_to_dict(resolve_run_config(cfg)), indent=2, sort_keys=True))
+        return 0
+    try:
+        main(cfg)
+    except RunStopped as err:
+        print(err, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,163 @@
+"""defectsynth run: the whole pipeline on a micro configuration (demo data at 64 px, a few steps per
+stage), every stage's outputs, a valid final COCO file, resumption after a stop and after a crash
+without redoing finished stages, the changed-config refusal, and the config file / flags."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+import defectsynth.run as run
+from data.demo import DemoConfig
+from defectsynth.runconfig import load_config_json
+from eval.paper import PaperConfig
+from sample.synthesize import SynthesizeConfig
+from train.concept import ConceptConfig
+from train.condition import ConditionConfig
+from train.prior import PriorConfig
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def micro_config(out: Path, **overrides) -> run.RunConfig:
+    """The demo pipeline at 64 px with a handful of steps per stage (about a minute on 2 cores)."""
+    base = dict(
+        out=str(out), resolution=64, threads=1, prior_images=8,
+        demo_data=DemoConfig(size=64, num_defective=10, num_free=3),
+        prior=PriorConfig(vae_steps=2, unet_steps=2, vae_batch_size=2, vae_crop=32, unet_batch_size=4,
+                          num_samples=2, sample_steps=2, progress=False),
+        concept=ConceptConfig(steps=2, num_class_images=2, class_steps=2, class_batch_size=2, batch_size=1,
+                              checkpoint_every=0, validate_every=0, num_validation_images=2, validation_steps=2,
+                              progress=False),
+        condition=ConditionConfig(steps=2, batch_size=2, checkpoint_every=0, validate_every=0, num_validation=2,
+                                  validation_steps=2, progress=False),
+        synthesize=SynthesizeConfig(variants=1, samples_per_driver=2, steps=2, batch=4, sheet_pairs=2,
+                                    progress=False),
+        evaluate=PaperConfig(iterations=1, batch_size=2, min_size=64, max_size=64, rois_per_image=16,
+                             detections_per_image=10, checkpoint_every=1, conditions=2, per_condition=2,
+                             diversity_size=64, kid_subsets=2, progress=False))
+    base.update(overrides)
+    return run.RunConfig(**base)
+
+
+def marker_times(out: Path) -> dict[str, int]:
+    return {p.stem: p.stat().st_mtime_ns for p in (out / run.MARKERS).glob("*.json")}
+
+
+def check_outputs(out: Path) -> None:
+    """Every stage's outputs, and a final COCO file that pycocotools loads with decodable masks."""
+    for stage in run.STAGES:
+        assert (out / run.MARKERS / f"{stage}.json").is_file(), stage
+    for name in ("data/annotations.json", "data/free.json", "data/prior_surfaces/free.json",
+                 "prior/prior.safetensors", "prior/prior.json", "concept/concept.safetensors",
+                 "condition/control.safetensors", "condition/base.safetensors", "condition/curves.png",
+                 "sadf/sadf.json", "sadf/contact_sheet.png", "eval/report.md", "eval/report.json",
+                 "report.md", "run_config.json", "run_log.jsonl", "figures/sadf_contact_sheet.png"):
+        assert (out / name).is_file(), name
+    coco = COCO(str(out / "sadf" / "sadf.json"))
+    images = coco.loadImgs(coco.getImgIds())
+    assert len(images) == 3 * 1 * 2  # defect-free images x variants x samples per driver
+    assert all((out / "sadf" / im["file_name"]).is_file() for im in images)
+    anns = coco.loadAnns(coco.getAnnIds())
+    assert anns, "the synthetic images carry the masks they were drawn from"
+    for ann in anns:
+        mask = coco.annToMask(ann)
+        assert mask.shape == (64, 64) and mask.sum() == ann["area"] > 0
+        assert np.array_equal(mask_utils.decode(ann["segmentation"]), mask)
+    report = (out / "report.md").read_text(encoding="utf-8")
+    for text in ("embedded demo", "Table 1", "FD-pixels", "What the numbers mean", "figures/sadf_contact_sheet.png"):
+        assert text in report, text
+
+
+@pytest.mark.slow
+def test_run_end_to_end_and_resume(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    cfg = micro_config(out)
+
+    # 1. Stop after the concept stage (as if the run had been killed between stages).
+    first = run.main(dataclasses.replace(cfg, stop_after="concept"))
+    assert first.ran == ["data", "prior", "concept"] and first.stopped_after == "concept"
+    assert first.report is None and not (out / "sadf").exists()
+    finished = marker_times(out)
+
+    # 2. A crash inside the synthesis stage: no marker for it, the finished stages stay finished.
+    import sample.synthesize
+
+    def crash(config):
+        raise RuntimeError("simulated crash")
+    monkeypatch.setattr(sample.synthesize, "main", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run.main(cfg)
+    monkeypatch.undo()
+    assert not (out / run.MARKERS / "synthesize.json").exists()
+    assert (out / run.MARKERS / "condition.json").is_file()
+
+    # 3. The rerun finishes, redoing nothing that was finished.
+    done = run.main(cfg)
+    assert done.skipped == ["data", "prior", "concept", "condition"]
+    assert done.ran == ["synthesize", "evaluate"] and done.report == out / "report.md"
+    assert all(marker_times(out)[k] == t for k, t in finished.items())
+    log = [json.loads(line) for line in (out / "run_log.jsonl").read_text().splitlines()]
+    ran = [r["stage"] for r in log if r["event"] == "ran"]
+    assert sorted(ran) == sorted(run.STAGES)  # every stage ran exactly once
+    assert [r["stage"] for r in log if r["event"] == "failed"] == ["synthesize"]
+    check_outputs(out)
+
+    # 4. Nothing left to do; a changed finished stage is refused, naming the setting.
+    again = run.main(cfg)
+    assert again.ran == [] and again.skipped == list(run.STAGES)
+    changed = dataclasses.replace(cfg, concept=dataclasses.replace(cfg.concept, steps=3))
+    with pytest.raises(ValueError, match="concept.*steps"):
+        run.main(changed)
+
+    # 5. The saved config reproduces the run's config exactly.
+    saved = load_config_json(run.RunConfig, out / "run_config.json")
+    assert saved == run.resolve_run_config(cfg)
+
+
+def test_flags_config_file_and_modes(tmp_path):
+    cfg, print_only = run.config_from_argv(["--out", str(tmp_path / "a"), "--seed", "3", "--print-config"])
+    assert print_only and cfg.out == str(tmp_path / "a") and cfg.seed == 3 and cfg.demo
+    resolved = run.resolve_run_config(cfg)
+    assert resolved.concept == run.demo_stage_configs()["concept"] and resolved.resolution == 128
+    path = tmp_path / "cfg.json"
+    run.save_config_json(dataclasses.replace(resolved, seed=5, prior_images=7), path)
+    loaded, _ = run.config_from_argv(["--config", str(path), "--out", str(tmp_path / "b")])
+    assert loaded.seed == 5 and loaded.prior_images == 7 and loaded.out == str(tmp_path / "b")
+
+    # The real mode takes the stage scripts' (the paper's) defaults and plans no data or prior stage.
+    real = run.resolve_run_config(run.RunConfig(out=str(tmp_path / "r"), ckpt="sd.safetensors", data="d.json",
+                                                free="free/"))
+    assert real.concept == ConceptConfig() and real.condition == ConditionConfig() and real.resolution == 0
+    stages = run.plan(real)
+    assert [s.name for s in stages] == ["concept", "condition", "synthesize", "evaluate"]
+    assert stages[0].config.ckpt == "sd.safetensors" and stages[0].config.resume == "latest"
+    assert stages[2].config.free == "free" and stages[3].config.feature_extractor == "inception"
+    with pytest.raises(ValueError, match="--free"):
+        run.resolve_run_config(run.RunConfig(ckpt="sd.safetensors", data="d.json"))
+
+    # The demo plans every stage, wiring each stage's output into the next.
+    demo = run.plan(run.resolve_run_config(run.RunConfig(out=str(tmp_path / "d"))))
+    names = {s.name: s for s in demo}
+    assert list(names) == list(run.STAGES)
+    assert names["concept"].config.ckpt == str(tmp_path / "d" / "prior" / "prior.safetensors")
+    assert names["condition"].config.ckpt == str(tmp_path / "d" / "concept" / "concept.safetensors")
+    assert names["synthesize"].config.control == str(tmp_path / "d" / "condition" / "control.safetensors")
+    assert names["prior"].config.caption == "an image of a metal surface"
+    assert names["evaluate"].config.feature_extractor == "pixels"
+
+
+def test_threads_auto():
+    assert run.pick_threads(3) == 3
+    assert 1 <= run.pick_threads(0) <= (__import__("os").cpu_count() or 1)
