@@ -10,7 +10,9 @@ import sys
 
 # stage name -> (module, one-line summary). Modules are imported only when their stage runs.
 STAGES: dict[str, tuple[str, str]] = {
-    "run": ("defectsynth.run", "the whole pipeline: concept -> condition -> synthesize -> evaluate"),
+    "run": ("defectsynth.run", "the whole pipeline: (demo data ->) (tiny prior ->) concept -> condition -> "
+                               "synthesize -> evaluate -> report"),
+    "prior": ("train.prior", "train the tiny prior that stands in for SD (the demo's base model)"),
     "import": ("data.importers", "convert a mask-folder or LabelMe dataset to COCO"),
     "drivers": ("data.drivers_sheet", "write a PNG sheet of image | topological driver pairs"),
     "demo-data": ("data.demo", "write the procedural demo dataset"),
