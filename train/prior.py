@@ -110,7 +110,7 @@ class PriorConfig:
     vae_steps: int = field(default=300, metadata={"help": "VAE optimizer steps"})
     vae_batch_size: int = field(default=8, metadata={"help": "VAE crops per step"})
     vae_crop: int = field(default=64, metadata={"help": "VAE training crop side, a multiple of 8 (0: whole images)"})
-    vae_lr: float = field(default=1e-3, metadata={"help": "VAE learning rate (AdamW, cosine decay)"})
+    vae_lr: float = field(default=2e-3, metadata={"help": "VAE learning rate (AdamW, cosine decay)"})
     kl_weight: float = field(default=1e-6, metadata={"help": "weight of the per-element KL term"})
     logvar_init: float = field(default=-6.0, metadata={
         "help": "initial posterior log-variance (bias of the logvar half of quant_conv); -6: std 0.05"})
