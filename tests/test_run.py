@@ -125,6 +125,18 @@ def test_run_end_to_end_and_resume(tmp_path, monkeypatch):
     saved = load_config_json(run.RunConfig, out / "run_config.json")
     assert saved == run.resolve_run_config(cfg)
 
+    # 6. The real mode's wiring: --ckpt (here the demo's prior file), --data and --free, no data or
+    #    prior stage, resolution from the checkpoint (64 px, from its metadata).
+    real_out = tmp_path / "real"
+    real = dataclasses.replace(cfg, out=str(real_out), resolution=0, ckpt=str(out / "prior" / "prior.safetensors"),
+                               data=str(out / "data" / "annotations.json"), free=str(out / "data" / "free"),
+                               evaluate=dataclasses.replace(cfg.evaluate, tables=("3", "4")))
+    result = run.main(real)
+    assert result.ran == ["concept", "condition", "synthesize", "evaluate"]
+    sadf = json.loads((real_out / "sadf" / "sadf.json").read_text())
+    assert len(sadf["images"]) == 3 * 2 and {im["height"] for im in sadf["images"]} == {64}
+    assert "embedded demo" not in (real_out / "report.md").read_text()
+
 
 def test_flags_config_file_and_modes(tmp_path):
     cfg, print_only = run.config_from_argv(["--out", str(tmp_path / "a"), "--seed", "3", "--print-config"])
