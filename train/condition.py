@@ -438,9 +438,12 @@ def export_base(model: StableDiffusion, cfg: ConditionConfig, path: Path) -> Pat
     """The base model beside the control: --ckpt itself (hard link, else copy) when the UNet stayed
     locked and --ckpt is a single .safetensors file, else `model` re-saved (save_ldm)."""
     source = Path(cfg.ckpt) if cfg.ckpt and not cfg.random_weights else None
+    reuse = cfg.sd_locked and source is not None and source.is_file() and source.suffix == ".safetensors"
+    if reuse and path.exists() and path.samefile(source):
+        return path  # --ckpt is this very file (or already linked here)
     if path.exists() or path.is_symlink():
         path.unlink()
-    if cfg.sd_locked and source is not None and source.is_file() and source.suffix == ".safetensors":
+    if reuse:
         try:
             os.link(source, path)
         except OSError:  # another file system, or links not allowed
