@@ -454,12 +454,14 @@ def bench_control_step(cfg: SpeedConfig, name: str = "control-step") -> dict:
     batch, latent size and precision (--dtype: the frozen UNet's dtype and the autocast precision;
     the control trains in float32 in both).
 
-        python -m eval.speed control-step-tiny --batch 2 --latent 8 --repeats 20 --clock process
-        python -m eval.speed control-step --batch 1 --latent 32 --repeats 3 --clock process   # ~10 GB RAM each
+        OMP_NUM_THREADS=1 python -m eval.speed control-step-tiny --batch 2 --latent 8 --repeats 20 --clock process
+        OMP_NUM_THREADS=1 python -m eval.speed control-step --batch 1 --latent 32 --repeats 3 --clock process  # ~10 GB
         python -m eval.speed control-step-ckpt --device cuda --dtype bf16 --batch 4 --latent 64 --repeats 10 --warmup 3
 
     As `bench_train_step`: each implementation in its own fresh process (order ours, diffusers,
-    diffusers, ours; medians of the times, the larger peak memory of the two runs).
+    diffusers, ours; medians of the times, the larger peak memory of the two runs). On a CPU machine
+    that others share, one thread: with two, CPU time includes OpenMP threads spinning while their
+    sibling waits for a core, and repeated runs of the same step differed by up to 5x.
     """
     import json
     import os
