@@ -83,7 +83,7 @@ class RunFlags:
     free: str = field(default="", metadata={
         "help": "defect-free images: a folder or a COCO JSON (required with --data)"})
     resolution: int = field(default=0, metadata={
-        "help": "image side for every stage, a multiple of 64 (0: 128 for the demo, else the model's native size)"})
+        "help": "image side for every stage, a multiple of 64 (0: 128 with the tiny prior, else --ckpt's native size)"})
     seed: int = field(default=0, metadata={"help": "run seed, passed to every stage"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu, cuda"})
     threads: int = field(default=0, metadata={
