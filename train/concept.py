@@ -36,13 +36,8 @@ from data.files import write_image_atomic
 from data.images import tensor_to_image
 from data.seeding import derive_seed
 from defectsynth.runconfig import config_from_args, parser_from_dataclass, save_config_json
-from model.stable_diffusion import PRESETS, StableDiffusion, preset
-from sample.ddim import sample_ddim
-from sample.ddpm import sample_ddpm
-from sample.dpm_solver import sample_dpm_solver
-from sample.guidance import ClassifierFreeGuidance, as_eps_denoiser
-from sample.noise import generators_from_seeds, randn_per_sample
-from sample.timesteps import ddim_timesteps, ddpm_timesteps, dpm_solver_timesteps
+from model.stable_diffusion import StableDiffusion, preset
+from sample.pipeline import SAMPLERS, generate
 from weights import load_pipeline, save_diffusers, save_ldm
 from train.checkpoint import checkpoint_name, resolve_resume, strip_prefix, with_prefix
 from train.data_order import IndexStream
@@ -50,37 +45,25 @@ from train.diffusion import diffusion_target, encode_posterior, sample_latents, 
 from train.distributed import DistInfo, all_reduce_mean, any_rank, barrier, distributed_session, grad_sync, wrap_ddp
 from train.ema import EMA
 from train.monitor import MetricsLog, StopSignal, check_finite, progress_bar, save_image_grid
-from train.optim import LR_SCHEDULES, build_adamw, lr_multiplier, optimizer_step, param_group
-from train.precision import PRECISIONS, autocast, frozen_copy, make_grad_scaler, precision_dtype, resolve_precision
+from train.optim import build_adamw, lr_multiplier, optimizer_step, param_group
+from train.precision import autocast, frozen_copy, make_grad_scaler, precision_dtype, resolve_precision
+from train.options import RESUMABLE_CHANGES as FINE_TUNE_RESUMABLE, FineTuneOptions
 from train.state import restore_training_state, save_training_state
 
-SAMPLERS = {"ddpm": (sample_ddpm, ddpm_timesteps), "ddim": (sample_ddim, ddim_timesteps),
-            "dpmpp": (sample_dpm_solver, dpm_solver_timesteps)}
 # Fields that may change between a run and its resumption (they do not change what is trained).
 TERMS = ("loss", "instance_loss", "prior_loss")  # the logged loss terms, in dreambooth_loss order
-RESUMABLE_CHANGES = frozenset({"steps", "resume", "progress", "log_every", "checkpoint_every", "keep_last",
-                     "validate_every", "num_validation_images", "validation_steps", "validation_guidance",
-                     "save_diffusers", "export_ema", "device", "class_batch_size"})
+RESUMABLE_CHANGES = FINE_TUNE_RESUMABLE | {"num_validation_images", "class_batch_size"}
 
 
 @dataclass(frozen=True)
-class ConceptConfig:
-    """Learn the concept: DreamBooth fine-tuning of SD with prior preservation (paper 4.1)."""
+class ConceptConfig(FineTuneOptions):
+    """Learn the concept: DreamBooth fine-tuning of SD with prior preservation (paper 4.1).
+    The model, optimiser and run fields it shares with train.condition are in train/options.py."""
 
-    # ---- model and data
-    ckpt: str = field(default="", metadata={"help": "base SD checkpoint: single .safetensors/.ckpt file "
-                                                    "or diffusers folder"})
-    preset: str = field(default="sd15", metadata={"help": "architecture for --random-weights",
-                                                  "choices": sorted(PRESETS)})
-    random_weights: bool = field(default=False, metadata={
-        "help": "random weights of --preset instead of --ckpt (smoke tests, CPU demos)"})
-    prediction_type: str = field(default="auto", metadata={
-        "help": "override the model's prediction type", "choices": ["auto", "epsilon", "v_prediction"]})
     data: str = field(default="", metadata={"help": "instance images: a COCO folder holding "
                                                     "annotations.json, or the COCO JSON itself"})
-    out: str = field(default="", metadata={"help": "output folder (required)"})
-    resolution: int = field(default=0, metadata={"help": "training resolution in pixels, a multiple of 64; "
-                                                         "0 = the model's native size"})
+    steps: int = field(default=800, metadata={"help": "optimizer steps"})
+    seed: int = field(default=0, metadata={"help": "run seed (class images, data order, noise)"})
     # ---- prompts
     identifier: str = field(default="sks", metadata={"help": "rare single-token identifier [V]"})
     class_noun: str = field(default="metal surface", metadata={
@@ -98,45 +81,18 @@ class ConceptConfig:
     class_guidance: float = field(default=7.5, metadata={"help": "classifier-free guidance scale"})
     class_batch_size: int = field(default=4, metadata={"help": "class images generated per batch"})
     # ---- optimisation
-    steps: int = field(default=800, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=1, metadata={
         "help": "instance images per micro-batch and rank (plus as many class images)"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     lr: float | None = field(default=None, metadata={
         "help": "UNet learning rate (none: 5e-6, or 2e-6 with --train-text-encoder)"})
     train_text_encoder: bool = field(default=False, metadata={"help": "fine-tune the text encoder too"})
     text_encoder_lr: float | None = field(default=None, metadata={"help": "text encoder lr (none: --lr)"})
-    lr_schedule: str = field(default="constant", metadata={"help": "after warmup", "choices": list(LR_SCHEDULES)})
-    lr_warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: none)"})
-    precision: str = field(default="auto", metadata={
-        "help": "auto: bf16 on CUDA, fp32 on CPU; trainable weights stay float32",
-        "choices": ["auto", *PRECISIONS]})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute UNet activations"})
     cache_latents: bool = field(default=True, metadata={"help": "encode every image once (VAE mean/std)"})
     cache_text_embeddings: bool = field(default=True, metadata={
         "help": "encode the two prompts once (ignored with --train-text-encoder)"})
-    ema: bool = field(default=False, metadata={"help": "keep an EMA of the trained weights"})
-    ema_decay: float = 0.9999
-    # ---- run
-    seed: int = field(default=0, metadata={"help": "run seed (class images, data order, noise)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
-    log_every: int = field(default=10, metadata={"help": "optimizer steps between metric records"})
-    checkpoint_every: int = field(default=200, metadata={"help": "optimizer steps between checkpoints "
-                                                                 "(0: at the end only)"})
-    keep_last: int = field(default=2, metadata={"help": "checkpoints kept (0: all)"})
-    resume: str = field(default="", metadata={"help": "'latest' or a checkpoint folder"})
+    # ---- validation (DDIM sample grids of the instance prompt)
     validate_every: int = field(default=100, metadata={"help": "steps between sample grids (0: end only)"})
     num_validation_images: int = field(default=4, metadata={"help": "images per grid (0: no grids)"})
-    validation_steps: int = field(default=25, metadata={"help": "DDIM steps of the sample grids"})
-    validation_guidance: float = 7.5
-    save_diffusers: bool = field(default=False, metadata={"help": "also write OUT/diffusers"})
-    export_ema: bool = field(default=False, metadata={"help": "also write the EMA weights (needs --ema)"})
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     @property
     def instance_prompt(self) -> str:
@@ -222,25 +178,16 @@ def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, num_instance: int,
     return loss, torch.stack([loss, instance, prior]).detach()
 
 
-@torch.no_grad()
 def generate_images(unet: nn.Module, vae: nn.Module, model: StableDiffusion, cond: torch.Tensor,
                     uncond: torch.Tensor, seeds: list[int], sampler: str, steps: int, guidance: float,
                     resolution: int, precision: str) -> torch.Tensor:
-    """Text-to-image with CFG: images (B, 3, H, W) in [-1, 1], sample i from seeds[i] alone.
-    cond, uncond: (1, 77, D) contexts, broadcast over the batch."""
-    device = next(unet.parameters()).device
-    generators = generators_from_seeds(seeds)  # CPU generators: the same image on every machine
-    latent = resolution // model.config.vae.downsample_factor
-    x = randn_per_sample((len(seeds), model.config.unet.in_channels, latent, latent), generators, device=device)
-    sample_fn, timesteps_fn = SAMPLERS[sampler]
-    model_fn = lambda x, t, context: unet(x, t, context).float()  # noqa: E731 - sampler maths in float32
-    denoiser = as_eps_denoiser(ClassifierFreeGuidance(model_fn, cond, uncond, guidance),
-                               model.schedule, model.prediction_type)
-    with autocast(device, precision):
-        latents = sample_fn(denoiser, x, model.schedule, timesteps_fn(steps), generators=generators)
-        dtype = next(vae.parameters()).dtype
-        images = vae.decode((latents / model.latent_scale).to(dtype))
-    return images.float().clamp(-1, 1)
+    """Text-to-image with CFG through sample.pipeline.generate: images (B, 3, H, W) in [-1, 1],
+    sample i from seeds[i] alone. cond, uncond: (1, 77, D) contexts, broadcast over the batch."""
+    with torch.no_grad():
+        images = generate(model, seeds=seeds, cond=cond, uncond=uncond, sampler=sampler, steps=steps,
+                          guidance=guidance, height=resolution, width=resolution,
+                          dtype=precision_dtype(precision), unet=unet, vae=vae)
+    return images * 2 - 1
 
 
 def generate_class_images(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, model: StableDiffusion,

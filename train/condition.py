@@ -58,7 +58,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
 from data.adherence import adherence, estimate_polarity
@@ -72,7 +71,7 @@ from data.prompts import PromptConfig
 from data.seeding import derive_seed
 from defectsynth.runconfig import config_from_args, parser_from_dataclass, save_config_json
 from model.controlnet import ControlNet
-from model.stable_diffusion import PRESETS, StableDiffusion
+from model.stable_diffusion import StableDiffusion
 from sample.pipeline import SAMPLERS, generate, random_pipeline
 from train.checkpoint import checkpoint_name, resolve_resume, strip_prefix, with_prefix
 from train.data_order import IndexStream
@@ -81,39 +80,32 @@ from train.distributed import (all_reduce_mean, any_rank, barrier, distributed_s
                                wrap_ddp)
 from train.ema import EMA
 from train.monitor import MetricsLog, StopSignal, check_finite, progress_bar, save_image_grid
-from train.optim import LR_SCHEDULES, build_adamw, lr_multiplier, optimizer_step, param_group
+from train.optim import build_adamw, lr_multiplier, optimizer_step, param_group
 from train.plot import Curve, plot_curves
-from train.precision import PRECISIONS, autocast, frozen_copy, make_grad_scaler, precision_dtype, resolve_precision
+from train.precision import autocast, frozen_copy, make_grad_scaler, precision_dtype, resolve_precision
+from train.options import RESUMABLE_CHANGES as FINE_TUNE_RESUMABLE, FineTuneOptions
 from train.state import restore_training_state, save_training_state
 from weights import load_pipeline, save_control, save_diffusers, save_ldm
-from weights.files import save_safetensors
 
 DECODER_PREFIXES = ("output_blocks.", "out.")  # the UNet half --no-sd-locked trains
 # Fields that may change between a run and its resumption (they do not change what is trained).
-RESUMABLE_CHANGES = frozenset({"steps", "resume", "progress", "log_every", "checkpoint_every", "keep_last",
-                               "validate_every", "num_validation", "validation_data", "validation_steps",
-                               "validation_guidance", "validation_sampler", "save_diffusers", "export_ema",
-                               "device"})
+RESUMABLE_CHANGES = FINE_TUNE_RESUMABLE | {"num_validation", "validation_data", "validation_sampler"}
 
 
 @dataclass(frozen=True)
-class ConditionConfig:
-    """Learn the condition: train a ControlNet control copy of the tuned SD UNet (paper 4.2)."""
+class ConditionConfig(FineTuneOptions):
+    """Learn the condition: train a ControlNet control copy of the tuned SD UNet (paper 4.2).
+    The model, optimiser and run fields it shares with train.concept are in train/options.py."""
 
-    # ---- model and data
     ckpt: str = field(default="", metadata={"help": "the concept-tuned SD model (train.concept's "
                                                     "concept.safetensors), any SD file or diffusers folder"})
-    preset: str = field(default="sd15", metadata={"help": "architecture for --random-weights",
-                                                  "choices": sorted(PRESETS)})
-    random_weights: bool = field(default=False, metadata={
-        "help": "random weights of --preset instead of --ckpt (smoke tests, CPU demos)"})
-    prediction_type: str = field(default="auto", metadata={
-        "help": "override the model's prediction type", "choices": ["auto", "epsilon", "v_prediction"]})
     data: str = field(default="", metadata={"help": "annotated defective images: a COCO folder holding "
                                                     "annotations.json, or the COCO JSON itself"})
-    out: str = field(default="", metadata={"help": "output folder (required)"})
-    resolution: int = field(default=0, metadata={"help": "training resolution in pixels, a multiple of 64; "
-                                                         "0 = the model's native size"})
+    steps: int = field(default=5000, metadata={"help": "optimizer steps"})
+    seed: int = field(default=0, metadata={"help": "run seed (data order, noise, prompt dropping, samples)"})
+    checkpoint_every: int = field(default=500, metadata={"help": "steps between checkpoints (0: end only)"})
+    validation_steps: int = field(default=20, metadata={"help": "sampler steps of the validation samples"})
+    save_diffusers: bool = field(default=False, metadata={"help": "also write the base as OUT/diffusers"})
     condition: str = field(default="driver", metadata={
         "help": "the hint: the topological driver, or the inpainting baseline (image with painted masks)",
         "choices": list(HINT_KINDS)})
@@ -139,47 +131,21 @@ class ConditionConfig:
         "help": "keep the whole UNet frozen; --no-sd-locked also trains its decoder (output_blocks + out)"})
     only_mid_control: bool = field(default=False, metadata={"help": "add only the middle-block residual"})
     # ---- optimisation
-    steps: int = field(default=5000, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=4, metadata={"help": "images per micro-batch and rank"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     lr: float = field(default=1e-5, metadata={"help": "control learning rate (ControlNet: 1e-5)"})
     decoder_lr: float | None = field(default=None, metadata={
         "help": "UNet decoder lr with --no-sd-locked (none: --lr, as the original; ControlNet suggests ~2e-6)"})
-    lr_schedule: str = field(default="constant", metadata={"help": "after warmup", "choices": list(LR_SCHEDULES)})
-    lr_warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: none)"})
-    precision: str = field(default="auto", metadata={
-        "help": "auto: bf16 on CUDA, fp32 on CPU; trainable weights stay float32",
-        "choices": ["auto", *PRECISIONS]})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     cache_latents: bool = field(default=True, metadata={
         "help": "encode every image and build every hint once (off with --hflip / --random-crop)"})
     hflip: bool = field(default=False, metadata={"help": "random horizontal flips"})
     random_crop: bool = field(default=False, metadata={"help": "random crops instead of centre crops"})
-    ema: bool = field(default=False, metadata={"help": "keep an EMA of the trained weights"})
-    ema_decay: float = 0.9999
-    # ---- run
-    seed: int = field(default=0, metadata={"help": "run seed (data order, noise, prompt dropping, samples)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
-    log_every: int = field(default=10, metadata={"help": "optimizer steps between metric records"})
-    checkpoint_every: int = field(default=500, metadata={"help": "steps between checkpoints (0: end only)"})
-    keep_last: int = field(default=2, metadata={"help": "checkpoints kept (0: all)"})
-    resume: str = field(default="", metadata={"help": "'latest' or a checkpoint folder"})
+    # ---- validation (one sample per fixed driver, scored for adherence)
     validate_every: int = field(default=250, metadata={
         "help": "steps between validation rounds (also at step 0 and at the end; 0: end only)"})
     num_validation: int = field(default=8, metadata={"help": "validation drivers (0: no validation)"})
     validation_data: str = field(default="", metadata={
         "help": "COCO folder/JSON of the validation drivers (default: the first images of --data)"})
     validation_sampler: str = field(default="ddim", metadata={"choices": sorted(SAMPLERS)})
-    validation_steps: int = field(default=20, metadata={"help": "sampler steps of the validation samples"})
-    validation_guidance: float = 7.5
-    save_diffusers: bool = field(default=False, metadata={"help": "also write the base as OUT/diffusers"})
-    export_ema: bool = field(default=False, metadata={"help": "also write the EMA weights (needs --ema)"})
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     @property
     def driver_config(self) -> DriverConfig:
@@ -426,14 +392,6 @@ def condition_record(cfg: ConditionConfig, polarity: dict[int, int], step: int) 
             "polarity": {str(k): v for k, v in polarity.items()}, "base": "base.safetensors"}
 
 
-def add_safetensors_metadata(path: Path, extra: dict[str, str]) -> None:
-    """Rewrite a .safetensors file (atomically) with `extra` added to its metadata."""
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    save_safetensors(tensors, path, {**metadata, **extra})
-
-
 def export_base(model: StableDiffusion, cfg: ConditionConfig, path: Path) -> Path:
     """The base model beside the control: --ckpt itself (hard link, else copy) when the UNet stayed
     locked and --ckpt is a single .safetensors file, else `model` re-saved (save_ldm)."""
@@ -457,8 +415,7 @@ def export_control(model: StableDiffusion, control: ControlNet, cfg: ConditionCo
     """Write the control in both layouts, the base model beside it, and the EMA variants if asked."""
     out = Path(cfg.out)
     metadata = {CONDITION_METADATA_KEY: json.dumps(record, sort_keys=True)}
-    written = {"control": save_control(control, out / "control.safetensors")}
-    add_safetensors_metadata(written["control"], metadata)
+    written = {"control": save_control(control, out / "control.safetensors", metadata=metadata)}
     written["control_diffusers"] = save_control(control, out / "controlnet", layout="diffusers")
     write_json_atomic(out / "controlnet" / DIFFUSERS_CONDITION_FILE, record, indent=2)
     written["base"] = export_base(model, cfg, out / "base.safetensors")
@@ -466,11 +423,11 @@ def export_control(model: StableDiffusion, control: ControlNet, cfg: ConditionCo
         written["diffusers"] = save_diffusers(model, out / "diffusers")
     if cfg.export_ema and ema is not None:
         with ema.applied(params):
-            written["control_ema"] = save_control(control, out / "control_ema.safetensors")
             ema_record = {**record, "ema": True,
                           "base": "base.safetensors" if cfg.sd_locked else "base_ema.safetensors"}
-            add_safetensors_metadata(written["control_ema"],
-                                     {CONDITION_METADATA_KEY: json.dumps(ema_record, sort_keys=True)})
+            written["control_ema"] = save_control(
+                control, out / "control_ema.safetensors",
+                metadata={CONDITION_METADATA_KEY: json.dumps(ema_record, sort_keys=True)})
             if not cfg.sd_locked:
                 written["base_ema"] = save_ldm(model, out / "base_ema.safetensors")
     return written
