@@ -155,6 +155,19 @@ def test_round_trips_are_exact(tmp_path, config):
     assert all(torch.equal(half.state_dict()[k], v.half().float()) for k, v in control.state_dict().items())
 
 
+def test_extra_metadata_is_written_and_cannot_replace_our_config(tmp_path):
+    from safetensors import safe_open
+    control = random_control(ControlNetConfig.tiny())
+    path = save_control(control, tmp_path / "control.safetensors",
+                        metadata={"defectsynth.condition": '{"kind": "driver"}', "format": "not-pt"})
+    with safe_open(str(path), framework="pt") as handle:
+        header = handle.metadata()
+    assert header["defectsynth.condition"] == '{"kind": "driver"}' and header["format"] == "pt"
+    assert_same(load_control(path), control)  # the config keys are still ours: an exact reload
+    with pytest.raises(ValueError, match="metadata= is for the LDM file"):
+        save_control(control, tmp_path / "folder", layout="diffusers", metadata={"a": "b"})
+
+
 def test_controlnet_10_full_file_loads_as_pipeline_and_control(tmp_path):
     torch.manual_seed(0)
     base = StableDiffusion(preset("tiny")).eval()

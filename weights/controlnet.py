@@ -117,7 +117,7 @@ def diffusers_control_tensors(control: ControlNet) -> dict[str, torch.Tensor]:
 
 
 def save_control(control: ControlNet, path: str | Path, layout: str = "ldm", base=None,
-                 dtype: torch.dtype | str | None = None) -> Path:
+                 dtype: torch.dtype | str | None = None, metadata: dict[str, str] | None = None) -> Path:
     """Write a ControlNet; returns the path.
 
     layout "ldm": one `.safetensors` with the original keys (`control_model.*`, the ControlNet 1.1
@@ -127,18 +127,24 @@ def save_control(control: ControlNet, path: str | Path, layout: str = "ldm", bas
         that diffusers' `ControlNetModel.from_pretrained` loads; config.json is written last and
         marks a complete folder.
     dtype: None keeps each tensor's dtype; torch.float16 / "fp16" etc. casts floating tensors.
+    metadata: extra string entries for the LDM file's header (e.g. train.condition's condition
+        record); our own config keys cannot be overridden.
     """
     path = Path(path)
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if layout == "ldm":
         if path.suffix != ".safetensors":
             raise ValueError(f"{path}: save_control writes .safetensors only (pickles can run code when loaded)")
-        metadata = {"format": "pt", METADATA_CONTROL_CONFIG: json.dumps(config_to_dict(control.config), sort_keys=True)}
+        header = {**(metadata or {}), "format": "pt",
+                  METADATA_CONTROL_CONFIG: json.dumps(config_to_dict(control.config), sort_keys=True)}
         if base is not None:
-            metadata[METADATA_CONFIG] = json.dumps(config_to_dict(ldm_state_dict(base)[1]), sort_keys=True)
-        save_safetensors(_cast(ldm_control_state_dict(control, base), dtype), path, metadata=metadata)
+            header[METADATA_CONFIG] = json.dumps(config_to_dict(ldm_state_dict(base)[1]), sort_keys=True)
+        save_safetensors(_cast(ldm_control_state_dict(control, base), dtype), path, metadata=header)
         return path
     if layout == "diffusers":
+        if metadata:
+            raise ValueError("save_control: metadata= is for the LDM file; a diffusers folder keeps extra "
+                             "records in files of their own")
         if base is not None:
             raise ValueError("save_control: base= is for the LDM full layout; save the SD model with "
                              "weights.save_diffusers")
