@@ -58,7 +58,7 @@ import cv2
 import numpy as np
 import torch
 
-from .drivers import DriverConfig, Instances, _as_instances, _gray, topology_map
+from .drivers import DriverConfig, Instances, grey_image, instance_masks, topology_map
 
 MAD_TO_STD = 1.4826  # MAD * 1.4826 estimates the standard deviation of Gaussian noise
 
@@ -135,7 +135,7 @@ def topology_agreement(generated: np.ndarray, driver: torch.Tensor | np.ndarray,
     if grey.shape != generated.shape[:2]:
         raise ValueError(f"adherence: driver is {grey.shape} pixels, generated image {generated.shape[:2]}")
     half = driver_config.background_level / 2
-    masks = _as_instances(instances, grey.shape)
+    masks = instance_masks(instances, grey.shape)
     union = np.zeros(grey.shape, bool)
     for mask, _ in masks:
         union |= mask
@@ -152,8 +152,8 @@ def defect_effects(image: np.ndarray, instances: Instances, config: AdherenceCon
     """Signed robust effect size d_i of every instance in `image` (uint8 RGB or grey): how many
     noise levels its median grey level lies above (+) or below (-) its background ring's. nan
     where there is no background to compare with."""
-    grey = _gray(np.asarray(image)).astype(np.float32)
-    masks = _as_instances(instances, grey.shape)
+    grey = grey_image(np.asarray(image)).astype(np.float32)
+    masks = instance_masks(instances, grey.shape)
     if not masks:
         return []
     union = np.zeros(grey.shape, bool)
@@ -201,7 +201,7 @@ def adherence(generated: np.ndarray, driver: torch.Tensor | np.ndarray, instance
     if generated.dtype != np.uint8 or generated.ndim != 3 or generated.shape[2] != 3:
         raise ValueError(f"adherence: expected a uint8 (H, W, 3) generated image, "
                          f"got {generated.dtype} {generated.shape}")
-    pairs = _as_instances(instances, generated.shape[:2])
+    pairs = instance_masks(instances, generated.shape[:2])
     topology = topology_agreement(generated, driver, pairs, driver_config, config)
     effects = defect_effects(generated, pairs, config)
     placement = placement_score(effects, [c for _, c in pairs], polarity, config)
@@ -216,7 +216,7 @@ def estimate_polarity(samples: Iterable[tuple[np.ndarray, Instances]],
     `polarity_min_effect` (no consistent direction: the score then accepts either)."""
     by_class: dict[int, list[float]] = {}
     for image, instances in samples:
-        pairs = _as_instances(instances, np.asarray(image).shape[:2])
+        pairs = instance_masks(instances, np.asarray(image).shape[:2])
         for (_, category_id), effect in zip(pairs, defect_effects(image, pairs, config)):
             if not math.isnan(effect):
                 by_class.setdefault(category_id, []).append(effect)

@@ -59,7 +59,8 @@ class DriverConfig:
             raise ValueError(f"DriverConfig.upsample must be one of {sorted(UPSAMPLING)}, got {self.upsample!r}")
 
 
-def _gray(image: np.ndarray) -> np.ndarray:
+def grey_image(image: np.ndarray) -> np.ndarray:
+    """uint8 (H, W) grey levels of a uint8 RGB (H, W, 3) or grey (H, W) image."""
     image = np.asarray(image)
     if image.dtype != np.uint8:
         raise ValueError(f"topological driver: expected a uint8 image, got {image.dtype}")
@@ -72,7 +73,7 @@ def _gray(image: np.ndarray) -> np.ndarray:
 
 def topology_map(image: np.ndarray, config: DriverConfig = DriverConfig()) -> np.ndarray:
     """The grey part of the driver: uint8 (H, W) with values in [0, background_level]."""
-    gray = _gray(image)
+    gray = grey_image(image)
     height, width = gray.shape
     small_size = (max(1, round(width / config.downscale)), max(1, round(height / config.downscale)))
     small = cv2.resize(gray, small_size, interpolation=cv2.INTER_AREA) if config.downscale > 1 else gray
@@ -85,7 +86,9 @@ def topology_map(image: np.ndarray, config: DriverConfig = DriverConfig()) -> np
     return scaled.astype(np.uint8)
 
 
-def _as_instances(instances: Instances, shape: tuple[int, int]) -> list[tuple[np.ndarray, int]]:
+def instance_masks(instances: Instances, shape: tuple[int, int]) -> list[tuple[np.ndarray, int]]:
+    """(boolean mask, category id) pairs from a label map or (mask, category id) pairs, each
+    checked against the image shape; None gives no instances."""
     if instances is None:
         return []
     if isinstance(instances, np.ndarray):
@@ -106,7 +109,7 @@ def paint_masks(canvas: np.ndarray, instances: Instances, palette: Sequence[Colo
     """Paint masks onto an RGB uint8 (H, W, 3) canvas in place, in the order given (a label map
     paints one colour per id in increasing id order; its pixels never overlap)."""
     palette = PALETTE if palette is None else palette
-    for mask, category_id in _as_instances(instances, canvas.shape[:2]):
+    for mask, category_id in instance_masks(instances, canvas.shape[:2]):
         if not 0 < category_id < len(palette):
             raise ValueError(f"topological driver: category id {category_id} has no palette colour "
                              f"(palette has ids 1..{len(palette) - 1})")
