@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 import train.concept as concept
 from data.datasets import ConceptDataset
-from data.demo import DemoConfig, make_demo_dataset
 from data.images import read_image
 from data.seeding import derive_seed
 from model.stable_diffusion import StableDiffusion, preset
@@ -30,22 +29,7 @@ from weights.load import load_pipeline
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny networks gain nothing from intra-op threads, and on a shared 2-core machine
-    spinning OpenMP threads slow them several-fold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory) -> Path:
-    """4 defective 64x64 images of the procedural demo dataset (COCO folder)."""
-    folder = tmp_path_factory.mktemp("demo")
-    make_demo_dataset(DemoConfig(out=str(folder), size=64, num_defective=4, num_free=0), progress=False)
-    return folder
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

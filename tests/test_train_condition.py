@@ -19,7 +19,6 @@ import train.condition as condition
 from data.adherence import estimate_polarity
 from data.coco import load_coco
 from data.datasets import ConditionDataset
-from data.demo import DemoConfig, make_demo_dataset
 from data.files import write_image_atomic
 from data.hints import build_hint, read_condition_metadata
 from data.images import read_image, tensor_to_image
@@ -34,21 +33,7 @@ from weights import load_control, load_pipeline, save_ldm
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks gain nothing from intra-op threads on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory) -> Path:
-    """4 defective 64x64 images of the procedural demo dataset (COCO folder)."""
-    folder = tmp_path_factory.mktemp("demo")
-    make_demo_dataset(DemoConfig(out=str(folder), size=64, num_defective=4, num_free=0), progress=False)
-    return folder
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(data: Path, out: Path, **overrides) -> ConditionConfig:
