@@ -38,7 +38,6 @@ import gc
 import json
 import os
 import resource
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -49,6 +48,7 @@ from typing import Any, Callable
 import torch
 
 from data.demo import DemoConfig
+from defectsynth.run_report import write_report
 from defectsynth.runconfig import add_dataclass_arguments, config_to_dict, load_config_json, save_config_json
 from eval.paper import PaperConfig
 from sample.synthesize import SynthesizeConfig
@@ -404,7 +404,8 @@ def main(cfg: RunConfig) -> RunResult:
             break
     report_path = None
     if stopped_after is None:
-        report_path = write_report(cfg, stages, out, threads, time.perf_counter() - started)
+        report_path = write_report(cfg, stages, out, threads, time.perf_counter() - started,
+                                   {s.name: marker_path(out, s.name) for s in stages})
         print(f"defectsynth run: wrote {report_path}")
     return RunResult(out, ran, skipped, stopped_after, report_path)
 
@@ -417,270 +418,6 @@ def write_json(path: Path, obj: Any) -> None:
     from data.files import write_json_atomic
     write_json_atomic(path, obj, indent=2)
 
-
-# ---------------------------------------------------------------------------------------- report
-
-DEMO_BANNER = (
-    "> **This is the embedded demo, not the paper's experiment.** Procedural {size} px images ({n_def} defective, "
-    "{n_free} defect-free), and instead of Stable Diffusion a tiny model of SD's architecture (about 2.7M "
-    "parameters) trained here from scratch in minutes on the CPU; every stage runs a few hundred steps instead "
-    "of thousands. The numbers below show that the pipeline runs end to end and what each stage produced. "
-    "They say nothing about what the method achieves with SD 1.5 on real data; the `paper*` columns quote "
-    "the paper's numbers on its own data for the shape of the results only.")
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not Path(path).is_file():
-        return []
-    records = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def _last(folder: Path, pattern: str) -> Path | None:
-    found = sorted(Path(folder).glob(pattern)) if Path(folder).is_dir() else []
-    return found[-1] if found else None
-
-
-def _figure(src: Path | None, figures: Path, name: str) -> str | None:
-    """Copy `src` into OUT/figures/ under `name`; the report links the copy (relative path)."""
-    if src is None or not Path(src).is_file():
-        return None
-    figures.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, figures / name)
-    return f"figures/{name}"
-
-
-def _stage_times(out: Path) -> list[list[str]]:
-    """Rows of the per-stage table from the markers and run_log.jsonl (every attempt counted)."""
-    log = _read_jsonl(out / "run_log.jsonl")
-    rows = []
-    total_wall = total_cpu = 0.0
-    for name in STAGES:
-        marker = _read_json(marker_path(out, name))
-        if marker is None:
-            continue
-        attempts = [r for r in log if r.get("stage") == name and r.get("event") in ("ran", "stopped", "failed")]
-        all_seconds = sum(r.get("seconds", 0.0) for r in attempts)
-        total_wall += marker["seconds"]
-        total_cpu += marker["cpu_seconds"]
-        rows.append([name, f"{marker['seconds']:.1f}", f"{marker['cpu_seconds']:.1f}", f"{marker['peak_rss_mb']:.0f}",
-                     str(marker.get("threads", "")), f"{marker.get('load_average', float('nan')):.1f}",
-                     f"{len(attempts)} ({all_seconds:.0f} s)" if len(attempts) > 1 else "1"])
-    rows.append(["**total**", f"**{total_wall:.1f}**", f"**{total_cpu:.1f}**", "", "", "", ""])
-    return rows
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
-def _concept_curves(concept_dir: Path, path: Path) -> Path | None:
-    from train.plot import Curve, plot_curves
-    records = [r for r in _read_jsonl(concept_dir / "metrics.jsonl") if "loss" in r]
-    if not records:
-        return None
-    curves = [Curve("concept loss", [r["step"] for r in records], [r["loss"] for r in records])]
-    if "prior_loss" in records[0]:
-        curves.append(Curve("instance / prior loss (prior)", [r["step"] for r in records],
-                            [r["prior_loss"] for r in records]))
-    return plot_curves(curves, path)
-
-
-def _class_image_grid(concept_dir: Path, path: Path, count: int = 16) -> Path | None:
-    from data.images import read_image, image_to_tensor
-    from train.monitor import save_image_grid
-    files = sorted((concept_dir / "class_images").glob("*.png"))[:count]
-    if not files:
-        return None
-    return save_image_grid(torch.stack([image_to_tensor(read_image(f)) for f in files]), path)
-
-
-def write_report(cfg: RunConfig, stages: list[Stage], out: Path, threads: int, seconds: float) -> Path:
-    """OUT/report.md: what ran, per-stage times, each stage's results and pictures, the evaluation
-    tables (from eval.paper) and plain words on what the numbers mean."""
-    figures = out / "figures"
-    folder = {s.name: s.folder for s in stages}
-    conf = {s.name: s.config for s in stages}  # the wired configs each stage ran with
-    parts: list[str] = []
-    title = "defectsynth demo run" if cfg.demo else "defectsynth run"
-    parts.append(f"# {title}\n\nOutput folder `{out}`; config `run_config.json` (rerun: "
-                 f"`defectsynth run --config {out / 'run_config.json'} --out NEW_FOLDER`).")
-    if cfg.demo:
-        parts.append(DEMO_BANNER.format(size=cfg.demo_data.size, n_def=cfg.demo_data.num_defective,
-                                        n_free=cfg.demo_data.num_free))
-    notes: list[str] = []
-
-    # Per-stage times.
-    parts.append("## Stages: wall time, CPU time, peak memory\n\n" + _table(
-        ["stage", "wall s", "CPU s", "peak RSS MB", "threads", "load avg", "attempts"], _stage_times(out)) +
-        f"\n\nWall time of this call (stages it skipped not counted): {seconds:.1f} s. CPU s counts all threads of the process; peak RSS is each "
-        f"stage's own peak (Linux VmHWM, reset per stage); load avg is the machine's 1-minute load when the stage "
-        f"ended (other jobs slow the stages down). Per-attempt log: `run_log.jsonl`.")
-
-    # Prior.
-    if "prior" in folder:
-        prior = _read_json(folder["prior"] / "prior.json") or {}
-        psnr = prior.get("psnr_db", {})
-        flat = prior.get("psnr_flat_db", {})
-        lines = [f"The tiny prior (train.prior) stands in for SD's general prior: VAE {prior.get('vae_steps')} steps, "
-                 f"text-to-image UNet {prior.get('unet_steps')} steps on {prior.get('images')} generic surfaces "
-                 f"(no defects), caption `{conf['prior'].caption}`."]
-        for key, label in (("train", "training surfaces"), ("eval", "annotated defect images (never seen)")):
-            if key in psnr:
-                lines.append(f"- VAE reconstruction PSNR on {label}: **{psnr[key]:.2f} dB** (each image replaced by "
-                             f"its mean colour scores {flat.get(key, float('nan')):.2f} dB)")
-        if psnr and flat and all(psnr[k] - flat.get(k, 0) < 3.0 for k in psnr):
-            notes.append("The tiny VAE barely beats a flat mean-colour image (PSNR within 3 dB): it keeps the "
-                         "shading and colour of a surface but little of its texture or thin defects, so every "
-                         "generated image is blurrier than the data.")
-        elif psnr and flat:
-            gain = min(psnr[k] - flat.get(k, 0) for k in psnr)
-            notes.append(f"The tiny VAE reconstructs at least {gain:.1f} dB better than a flat mean-colour image, "
-                         f"i.e. it keeps the shading; its reconstructions (figures/prior_reconstructions.png) show "
-                         f"what it blurs away (brushed streaks, 1-pixel cracks and scratches). Everything generated "
-                         f"later goes through this decoder, so no image can be sharper than that.")
-        for name, src in (("prior_reconstructions.png", folder["prior"] / "reconstructions.png"),
-                          ("prior_samples.png", _last(folder["prior"] / "samples", "*.png")),
-                          ("prior_curves.png", folder["prior"] / "curves.png")):
-            link = _figure(src, figures, name)
-            if link:
-                caption = {"prior_reconstructions.png": "originals / reconstructions (surfaces, then defect images)",
-                           "prior_samples.png": "prior samples of the caption (DDIM, CFG)",
-                           "prior_curves.png": "VAE and UNet training loss"}[name]
-                lines.append(f"\n![{caption}]({link})  \n*{caption}*")
-        parts.append("## The prior\n\n" + "\n".join(lines))
-
-    # Concept.
-    concept_dir = folder["concept"]
-    concept_metrics = [r for r in _read_jsonl(concept_dir / "metrics.jsonl") if "loss" in r]
-    cc = conf["concept"]
-    lines = [f"DreamBooth with prior preservation (train.concept) from `{cc.ckpt}`: {cc.steps} steps, prompt "
-             f"`{cc.prompt_template.format(cc.identifier)}`, {cc.num_class_images} class images of "
-             f"`{cc.prompt_template.format(cc.class_noun)}` ({cc.class_sampler} {cc.class_steps} steps, guidance "
-             f"{cc.class_guidance})."]
-    if concept_metrics:
-        first, last = concept_metrics[0], concept_metrics[-1]
-        lines.append(f"- loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']})")
-    for name, src in (("concept_loss.png", _concept_curves(concept_dir, figures / "concept_loss.png")),
-                      ("concept_class_images.png", _class_image_grid(concept_dir, figures / "concept_class_images.png")),
-                      ("concept_samples.png", _last(concept_dir / "samples", "*.png"))):
-        link = f"figures/{name}" if src is not None and Path(src).parent == figures else _figure(src, figures, name)
-        if link:
-            caption = {"concept_loss.png": "concept loss (and its prior-preservation term)",
-                       "concept_class_images.png": "class images drawn by the base model",
-                       "concept_samples.png": "samples of the instance prompt after the concept phase"}[name]
-            lines.append(f"\n![{caption}]({link})  \n*{caption}*")
-    parts.append("## Learn the concept\n\n" + "\n".join(lines))
-
-    # Condition.
-    condition_dir = folder["condition"]
-    validation = [r for r in _read_jsonl(condition_dir / "metrics.jsonl") if "adherence" in r]
-    co = conf["condition"]
-    lines = [f"The control copy (train.condition): {co.steps} steps, hint `{co.condition}`, prompts dropped "
-             f"with p={co.drop_prompt_rate}."]
-    if validation:
-        first, last = validation[0], validation[-1]
-        source = last.get("adherence_source")
-        lines.append(f"- condition adherence (0..1, data/adherence.py: topology of the sample vs its driver and "
-                     f"defect contrast inside the masks) {first['adherence']:.3f} at step {first['step']} -> "
-                     f"**{last['adherence']:.3f}** at step {last['step']}"
-                     + (f"; the source images themselves score {source:.3f}" if source is not None else ""))
-        if last["adherence"] - first["adherence"] < 0.05:
-            notes.append(f"The control barely changed the samples' adherence to their drivers "
-                         f"({first['adherence']:.3f} -> {last['adherence']:.3f}): in {co.steps} steps "
-                         f"it has not learned to follow the driver (ControlNet training converges suddenly, "
-                         f"usually after thousands of steps), so the SADF masks annotate defects the images do "
-                         f"not show.")
-        elif last["adherence"] < 0.75 * (source if source is not None else 1.0):
-            notes.append(f"The control learned to follow its drivers in part: adherence {first['adherence']:.3f} "
-                         f"at step 0 -> {last['adherence']:.3f} after {co.steps} steps, against "
-                         f"{source if source is not None else 1.0:.3f} for the real images. Some SADF masks "
-                         f"therefore annotate defects the images show faintly or not at all (see the contact "
-                         f"sheet), which is what a detector trained on them learns from.")
-    for name, src in (("condition_curves.png", condition_dir / "curves.png"),
-                      ("condition_validation.png", _last(condition_dir / "validation", "*.png"))):
-        link = _figure(src, figures, name)
-        if link:
-            caption = {"condition_curves.png": "training loss and condition adherence",
-                       "condition_validation.png": "validation: driver | sample, last round"}[name]
-            lines.append(f"\n![{caption}]({link})  \n*{caption}*")
-    parts.append("## Learn the condition\n\n" + "\n".join(lines))
-
-    # Synthesis.
-    sadf_dir = folder["synthesize"]
-    sadf, sy = _read_json(sadf_dir / "sadf.json") or {}, conf["synthesize"]
-    info = sadf.get("info", {})
-    lines = [f"The SADF dataset (sample.synthesize): `{sadf_dir / 'sadf.json'}`, COCO with RLE masks known by "
-             f"construction: **{len(sadf.get('images', []))} images, {len(sadf.get('annotations', []))} instances** "
-             f"({info.get('images_planned', '?')} planned = defect-free images x {sy.variants} augmentations x "
-             f"{sy.samples_per_driver} samples; {info.get('dropped', 0)} dropped by the blank/non-finite guard; "
-             f"{sy.sampler} {sy.steps} steps, guidance {sy.guidance})."]
-    link = _figure(sadf_dir / "contact_sheet.png", figures, "sadf_contact_sheet.png")
-    if link:
-        lines.append(f"\n![driver | generated images]({link})  \n*each row: the driver (hint), then samples drawn "
-                     f"from it; the painted masks are the samples' annotations*")
-    parts.append("## Synthesize the SADF dataset\n\n" + "\n".join(lines))
-
-    # Evaluation.
-    eval_dir = folder["evaluate"]
-    report = _read_json(eval_dir / "report.json") or {}
-    body = (eval_dir / "report.md").read_text(encoding="utf-8") if (eval_dir / "report.md").is_file() else ""
-    body = body.split("\n", 1)[1].strip() if body.startswith("# ") else body
-    body = body.replace("\n## ", "\n### ")
-    ev = conf["evaluate"]
-    lines = [f"eval.paper on the held-out {ev.test_fraction:.0%} of the annotated set: Mask R-CNN "
-             f"{ev.iterations} iteration(s) per training phase at {ev.min_size} px, "
-             + ("from scratch" if not ev.init_weights else f"initialised from {ev.init_weights}") + "; "
-             + ("FID with the Inception weights." if ev.feature_extractor == "inception" else
-                f"no Inception weights given, so FID is **not run**; the distance column is "
-                f"**FD-{ev.feature_extractor}** (see below), which is not FID.")]
-    if cfg.demo:
-        lines.append(f"\n> Demo evaluation: {report.get('tables', {}).get('1', {}).get('n_test_images', '?')} test "
-                     f"images, a few CPU iterations. Read these tables as a check that the evaluation runs.")
-    lines.append("\n" + body)
-    maps = [e["entry"]["mean"].get("segm_map") for t in ("1", "2")
-            for e in report.get("tables", {}).get(t, {}).get("rows", []) if "mean" in e.get("entry", {})]
-    if maps and max(v for v in maps if v is not None) < 0.02:
-        notes.append(f"Mask R-CNN learned almost nothing (every segm mAP below 0.02) in {ev.iterations} "
-                     f"iteration(s) per phase: with this little training the tables cannot tell which training "
-                     f"data is better. The real run trains {PaperConfig().iterations} iterations at "
-                     f"{PaperConfig().min_size} px, and `--init-weights` starts from a pretrained detector.")
-    if ev.feature_extractor == "pixels":
-        notes.append("FD-pixels is the Frechet distance between Gaussians fitted to 8x8 area-downsampled RGB "
-                     "images (192 numbers per image, eval/features.py): it compares colour and brightness layout, "
-                     "not texture or defects, and is not comparable with FID. Give "
-                     "`--inception-weights pt_inception-2015-12-05-6726825d.pth` for FID.")
-    if ev.feature_extractor == "inception-random":
-        notes.append("FD-inception-random uses the FID network with seeded random weights: a distance between "
-                     "random convolutional features, not FID and not comparable with FID numbers.")
-    notes.append("Table 3's inpainting baseline and Table 4's no-concept ablation need two more trained controls "
-                 "and syntheses, which `defectsynth run` does not make; their rows say \"not run\".")
-    parts.append("## Evaluation\n\n" + "\n".join(lines))
-
-    parts.append("## What the numbers mean\n\n" + "\n".join(f"- {n}" for n in notes))
-    parts.append("## Files\n\n" + "\n".join(f"- `{s.folder.relative_to(out)}/`: {s.name}" for s in stages)
-                 + "\n- `figures/`: the pictures above\n- `stages/`: completion markers with each stage's config "
-                 "and times\n- `run_config.json`, `run_log.jsonl`")
-    path = out / "report.md"
-    from eval.report import write_text_atomic
-    write_text_atomic(path, "\n\n".join(parts) + "\n")
-    return path
-
-
-# ------------------------------------------------------------------------------------------- CLI
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="defectsynth run", description=(RunFlags.__doc__ or "").strip(),
