@@ -3,8 +3,8 @@ crop, zoom, roto-translation, Gaussian noise and contrast/brightness changes.
 
 One affine matrix per variant holds every geometric change, so masks (when given) go through
 exactly the same warp as the image: bilinear with reflected borders for the image, nearest
-neighbour with zero borders for masks. Variant v of an image is seeded by (seed, v), so it can
-be rebuilt alone.
+neighbour with zero borders for masks. Variant v of an image is seeded by (seed, image id, v)
+(`augment_dataset`; `augment_variant` takes the image's seed and v), so it can be rebuilt alone.
 
     python -m data.augment --data free.json --out runs/free_aug --variants 10 --seed 0
 """
@@ -130,7 +130,7 @@ def augment_image(image: np.ndarray, rng: np.random.Generator | int, config: Aug
 
 def augment_variants(image: np.ndarray, seed: int, config: AugmentConfig = AugmentConfig(),
                      masks: Masks = None) -> list[tuple[np.ndarray, Masks]]:
-    """`config.variants` variants; variant v uses `rng_for(seed, v)` (see `augment_variant`)."""
+    """`config.variants` variants; variant v uses `rng_for(seed, "augment", v)` (see `augment_variant`)."""
     return [augment_variant(image, seed, v, config, masks) for v in range(config.variants)]
 
 

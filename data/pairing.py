@@ -4,8 +4,9 @@ set and placed in it, the topological driver of the two, and the prompt naming t
 Pair p is built from `rng_for(seed, "pair", p)` alone, so any pair can be rebuilt on its own:
 
     free image  = images[(p // V) % N]       (N defect-free images, V = config.variants)
-    variant     = p % V                      (augment.augment_variant, seeded by (seed, image id),
-                                              the same variants `data.augment` writes offline)
+    variant     = p % V                      (augment.augment_variant, seeded by (seed, image id): the
+                                              same random draws as `data.augment`'s offline variants, applied
+                                              to the already resized image, so the pixels differ)
     masks       = draw="image":     all instances of one random annotated image, each perturbed
                                     and placed near its original relative position;
                   draw="instances": k random instances (k in config.instances), random positions

@@ -70,8 +70,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> argpa
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         if tp is bool:
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction,
-                                default=default, help=kwargs["help"])
+            text = kwargs["help"]
+            if has_default and isinstance(default, bool):
+                text = f"{text} (default: {'on' if default else 'off'})".strip()
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=text)
             continue
         origin = typing.get_origin(tp)
         if origin in (tuple, list):
@@ -85,6 +87,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> argpa
         if optional:
             base = kwargs["type"]
             kwargs["type"] = lambda text, base=base: None if text.lower() == "none" else base(text)
+            if None in kwargs.get("choices", ()):  # spelled "none" on the command line
+                kwargs["metavar"] = "{" + ",".join("none" if c is None else str(c) for c in kwargs["choices"]) + "}"
         if has_default:
             kwargs["default"] = default
             if kwargs["help"] is not None and default not in (None, "", ()):

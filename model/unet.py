@@ -305,7 +305,7 @@ def _transformer(cfg: UNetConfig, channels: int) -> SpatialTransformer:
 def build_input_blocks(cfg: UNetConfig) -> tuple[nn.ModuleList, list[int]]:
     """The encoder's blocks (conv_in, then per level ResBlock[+transformer] x n, then Downsample)
     and the output channel count of each, which is also the channel count of its skip connection.
-    SD: 13 blocks, channels [320]*4 + [640]*3 + [1280]*6.
+    SD: 12 blocks, channels [320]*4 + [640]*3 + [1280]*5 (with the middle block: 13 skip residuals).
     """
     mc = cfg.model_channels
     blocks = [TimestepSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))]
