@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import types
 import sys
 from pathlib import Path
 
@@ -334,3 +335,11 @@ def test_two_process_cpu_ddp_keeps_replicas_identical(demo_data, tmp_path):
     state = torch.load(tmp_path / "run" / "checkpoints" / "step_00000003" / "state.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert not torch.equal(state["rng"][0]["generators"]["prompt"], state["rng"][1]["generators"]["prompt"])
+
+
+
+def test_cli_exit_status_says_whether_the_run_finished(monkeypatch, tmp_path):
+    """A stopped run (SIGINT/SIGTERM, checkpoint saved) exits 1 so job wrappers can tell it apart."""
+    for stopped, status in ((True, 1), (False, 0)):
+        monkeypatch.setattr(condition, "main", lambda cfg, stopped=stopped: types.SimpleNamespace(stopped=stopped))
+        assert condition.cli(["--out", str(tmp_path), "--random-weights", "--preset", "tiny"]) == status

@@ -452,7 +452,7 @@ def get_args_parser():
 
 def cli(argv: list[str] | None = None) -> int:
     result = main(config_from_args(ConceptConfig, get_args_parser().parse_args(argv)))
-    return 0 if result is not None else 1
+    return 1 if result.stopped else 0  # a stop (SIGINT/SIGTERM) is not a finished run
 
 
 if __name__ == "__main__":

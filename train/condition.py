@@ -145,7 +145,8 @@ class ConditionConfig(FineTuneOptions):
     num_validation: int = field(default=8, metadata={"help": "validation drivers (0: no validation)"})
     validation_data: str = field(default="", metadata={
         "help": "COCO folder/JSON of the validation drivers (default: the first images of --data)"})
-    validation_sampler: str = field(default="ddim", metadata={"choices": sorted(SAMPLERS)})
+    validation_sampler: str = field(default="ddim", metadata={"help": "sampler of the validation samples",
+                                                                "choices": sorted(SAMPLERS)})
 
     @property
     def driver_config(self) -> DriverConfig:
@@ -633,7 +634,7 @@ def get_args_parser():
 
 def cli(argv: list[str] | None = None) -> int:
     result = main(config_from_args(ConditionConfig, get_args_parser().parse_args(argv)))
-    return 0 if result is not None else 1
+    return 1 if result.stopped else 0  # a stop (SIGINT/SIGTERM) is not a finished run
 
 
 if __name__ == "__main__":

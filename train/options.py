@@ -39,9 +39,9 @@ class FineTuneOptions:
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     lr_schedule: str = field(default="constant", metadata={"help": "after warmup", "choices": list(LR_SCHEDULES)})
     lr_warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
+    adam_eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: none)"})
     precision: str = field(default="auto", metadata={
@@ -49,7 +49,7 @@ class FineTuneOptions:
         "choices": ["auto", *PRECISIONS]})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     ema: bool = field(default=False, metadata={"help": "keep an EMA of the trained weights"})
-    ema_decay: float = 0.9999
+    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per optimizer step (with --ema)"})
     # ---- run
     seed: int = field(default=0, metadata={"help": "run seed (data order, noise, samples)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
@@ -59,7 +59,7 @@ class FineTuneOptions:
     keep_last: int = field(default=2, metadata={"help": "checkpoints kept (0: all)"})
     resume: str = field(default="", metadata={"help": "'latest' or a checkpoint folder"})
     validation_steps: int = field(default=25, metadata={"help": "sampler steps of the validation samples"})
-    validation_guidance: float = 7.5
+    validation_guidance: float = field(default=7.5, metadata={"help": "CFG scale of the validation samples"})
     save_diffusers: bool = field(default=False, metadata={"help": "also write OUT/diffusers"})
     export_ema: bool = field(default=False, metadata={"help": "also write the EMA weights (needs --ema)"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
