@@ -1,5 +1,7 @@
 """The umbrella package: the `defectsynth <stage>` dispatcher and the end-to-end run.
 
-`defectsynth.runconfig` is the one module here that the stage packages import (it depends only on
-the standard library): it turns a run-config dataclass into an argparse parser and back.
+Two modules here are imported by the stage packages: `defectsynth.runconfig` (standard library
+only) turns a run-config dataclass into an argparse parser and back, and `defectsynth.benchmark`
+(torch only) holds what the speed benchmarks of train/ and eval/ share (`python -m train.speed`,
+`python -m eval.speed`), so that eval/ need not import train/.
 """

@@ -1,2 +1,3 @@
 """Evaluation: FID/KID, the Mask R-CNN benchmark, COCOeval wrapper, IoU, Hausdorff, diversity,
-the paper's tables, and speed benchmarks against the reference implementations."""
+the paper's tables, and speed benchmarks of inference against the reference implementations
+(those of a training step are train.speed)."""

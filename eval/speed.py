@@ -1,80 +1,30 @@
-"""Speed benchmarks: our modules against the reference implementation, same weights, same process.
+"""Speed benchmarks of inference: our modules against the reference implementation, same weights.
 
     python -m eval.speed unet --device cpu --dtype fp32 --batch 1 --latent 64 --repeats 3
+    python -m eval.speed t2i --latent 8 --batch 4 --clock process --results runs/speed.jsonl
 
-Each benchmark is a function `bench(cfg) -> dict` registered in BENCHMARKS under a name; it
-prints one line and returns its numbers (times in milliseconds, medians over `repeats` timed runs
-after `warmup` untimed ones; ours and the reference alternate, so load on a shared machine hits
-both alike). The reference (diffusers) is a test-only dependency: import it inside the benchmark
-function, never at module level.
+unet: one SD 1.5 UNet forward; t2i: text-to-image per image; synth: SADF synthesis images/s. Each
+benchmark is a function `bench(cfg) -> dict` registered in BENCHMARKS under a name; it prints one
+line and returns its numbers (times in milliseconds, medians over `repeats` timed runs after
+`warmup` untimed ones; ours and the reference alternate, so load on a shared machine hits both
+alike). `--results FILE` appends the result to FILE as one JSON line. The benchmarks of a training
+step are in train/speed.py (`python -m train.speed`); the options, timing and command line both
+scripts share are in defectsynth/benchmark.py. The reference (diffusers) is a test-only dependency:
+import it inside the benchmark function, never at module level.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
-from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
-from defectsynth.runconfig import add_dataclass_arguments, config_from_args
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass(frozen=True)
-class SpeedOptions:
-    """Options shared by every benchmark (the flags of `python -m eval.speed <benchmark>`)."""
-
-    device: str = field(default="cpu", metadata={"help": "where to run", "choices": ["cpu", "cuda"]})
-    dtype: str = field(default="fp32", metadata={"help": "weights and activations dtype",
-                                                  "choices": list(DTYPES)})
-    batch: int = field(default=1, metadata={"help": "batch size"})
-    latent: int = field(default=64, metadata={"help": "latent side (64 = 512 px images)"})
-    repeats: int = field(default=3, metadata={"help": "timed runs per implementation (median reported)"})
-    warmup: int = field(default=1, metadata={"help": "untimed runs first (allocator, kernel selection)"})
-    seed: int = field(default=0, metadata={"help": "seed for the random weights and inputs"})
-    clock: str = field(default="wall", metadata={
-        "help": "wall: elapsed time; process: CPU time of this process (steadier on a shared CPU "
-                "machine, meaningless for CUDA)", "choices": ["wall", "process"]})
-
-
-@dataclass(frozen=True)
-class SpeedConfig(SpeedOptions):
-    benchmark: str = "unet"  # positional on the command line: one of BENCHMARKS
-
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_ms(runs: dict[str, Callable[[], object]], device: str, warmup: int, repeats: int,
-              clock: str = "wall") -> dict[str, float]:
-    """Median time in ms of each zero-argument callable, run in turns after warm-up.
-    clock "wall" is elapsed time, "process" the CPU time of this process (all its threads)."""
-    now = time.perf_counter if clock == "wall" else time.process_time
-    for fn in runs.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for repeat in range(repeats):
-        # Reverse the order every other repeat, so a drift in machine load does not favour one.
-        order = list(runs.items()) if repeat % 2 == 0 else list(runs.items())[::-1]
-        for name, fn in order:
-            synchronize(device)
-            start = now()
-            fn()
-            synchronize(device)
-            times[name].append((now() - start) * 1000.0)
-    return {name: statistics.median(values) for name, values in times.items()}
-
+from defectsynth.benchmark import (DTYPES, Benchmarks, SpeedConfig, benchmark_parser, config_from_argv, median_ms,
+                                   run_benchmark)
 
 # ----------------------------------------------------------------------------------------------
-# Benchmarks
+# unet: one SD 1.5 UNet forward (ours vs diffusers' UNet2DConditionModel)
 # ----------------------------------------------------------------------------------------------
 
 def bench_unet(cfg: SpeedConfig) -> dict:
@@ -119,7 +69,7 @@ def bench_unet(cfg: SpeedConfig) -> dict:
 
 
 # name -> (benchmark, one-line summary)
-BENCHMARKS: dict[str, tuple[Callable[[SpeedConfig], dict], str]] = {
+BENCHMARKS: Benchmarks = {
     "unet": (bench_unet, "SD 1.5 UNet forward, ours vs diffusers (same weights)"),
 }
 
@@ -187,320 +137,6 @@ def bench_t2i(cfg: SpeedConfig) -> dict:
 
 BENCHMARKS["t2i"] = (bench_t2i, "text-to-image per image (tiny on CPU, SD 1.5 on CUDA), ours vs diffusers' "
                                 "StableDiffusionPipeline (same weights, DDIM 20 steps, CFG 7.5)")
-
-
-# ----------------------------------------------------------------------------------------------
-# train-step: one training step of the UNet (train/ owns this section)
-# ----------------------------------------------------------------------------------------------
-
-# benchmark name -> (SD preset of the UNet, gradient checkpointing)
-TRAIN_STEP_VARIANTS: dict[str, tuple[str, bool]] = {
-    "train-step": ("sd15", False),
-    "train-step-tiny": ("tiny", False),
-    "train-step-ckpt": ("sd15", True),
-}
-
-
-def _rss_bytes() -> int:
-    """Current resident set size of this process (Linux /proc)."""
-    import os
-
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _warm_process(device: torch.device) -> None:
-    """One step of a toy network with the same kinds of layers and optimizer, so that lazily
-    loaded code (torch._dynamo, which the first AdamW step imports, oneDNN kernels, ...) is in
-    the baseline of both implementations rather than charged to whichever loads it first."""
-    from train.optim import build_adamw, optimizer_step, param_group
-    from train.precision import autocast, make_grad_scaler
-
-    conv, norm, linear = torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.GroupNorm(2, 8), torch.nn.Linear(8, 8)
-    toy = torch.nn.ModuleList([conv, norm, linear]).to(device)
-    optimizer = build_adamw([param_group("toy", toy.parameters(), lr=1e-6)])
-    scaler = make_grad_scaler(SpeedConfig.dtype, device)
-    with autocast(device, "fp32"):
-        h = norm(conv(torch.randn(1, 4, 8, 8, device=device))).flatten(2).transpose(1, 2)  # (1, 64, 8)
-        q = linear(h)[:, None]  # (1, 1, 64, 8): one head
-        out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
-    scaler.scale(out.square().mean()).backward()
-    optimizer_step(optimizer, scaler, list(toy.parameters()), max_grad_norm=1.0)
-
-
-def train_step_child(implementation: str, preset_name: str, checkpointing: bool, options: dict) -> dict:
-    """One implementation's training steps, run in a fresh process (see `bench_train_step`).
-
-    A step: autocast forward of the UNet on (x_t, t, context), float32 MSE against the noise,
-    (scaled) backward, then train.optim.optimizer_step: unscale, clip to 1.0, fused AdamW, zero_grad.
-    Trainable weights are float32; cfg.dtype is the autocast precision. Returns the median step
-    time and the peak memory the run added: on CUDA torch.cuda.max_memory_allocated minus what
-    was allocated before the model was built; on CPU the process's peak RSS (getrusage
-    ru_maxrss, which sees every allocator, torch's included) minus its RSS right before the model
-    was built, i.e. after every import.
-    """
-    import resource
-
-    import torch.nn.functional as F
-
-    from model.stable_diffusion import preset
-    from model.unet import UNet
-    from train.optim import build_adamw, optimizer_step, param_group
-    from train.precision import autocast, make_grad_scaler
-
-    cfg = SpeedConfig(**options)
-    device = torch.device(cfg.device)
-    unet_config = preset(preset_name).unet
-    if implementation == "reference":
-        from diffusers import UNet2DConditionModel
-
-        from weights.configs import unet_config_to_diffusers
-        reference_config = {k: v for k, v in unet_config_to_diffusers(unet_config, cfg.latent).items()
-                            if not k.startswith("_")}
-    _warm_process(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated() if device.type == "cuda" else _rss_bytes()
-
-    torch.manual_seed(cfg.seed)
-    if implementation == "ours":
-        net = UNet(unet_config).to(device).train()
-        net.set_gradient_checkpointing(checkpointing)
-        forward = net
-    else:
-        net = UNet2DConditionModel(**reference_config).to(device).train()
-        if checkpointing:
-            net.enable_gradient_checkpointing()
-        forward = lambda x, t, context: net(x, t, encoder_hidden_states=context).sample  # noqa: E731
-    params = list(net.parameters())
-    optimizer = build_adamw([param_group("unet", params, lr=1e-6)])
-    scaler = make_grad_scaler(cfg.dtype, device)
-    g = torch.Generator().manual_seed(cfg.seed + 1)
-    x = torch.randn(cfg.batch, 4, cfg.latent, cfg.latent, generator=g).to(device)
-    target = torch.randn(cfg.batch, 4, cfg.latent, cfg.latent, generator=g).to(device)
-    t = torch.randint(0, 1000, (cfg.batch,), generator=g).to(device)
-    context = torch.randn(cfg.batch, 77, unet_config.context_dim, generator=g).to(device)
-
-    def step() -> None:
-        with autocast(device, cfg.dtype):
-            pred = forward(x, t, context)
-        loss = F.mse_loss(pred.float(), target)
-        scaler.scale(loss).backward()
-        optimizer_step(optimizer, scaler, params, max_grad_norm=1.0)
-
-    ms = median_ms({"step": step}, cfg.device, cfg.warmup, cfg.repeats, cfg.clock)["step"]
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before  # ru_maxrss is KiB on Linux
-    return {"ms": ms, "peak_bytes": peak, "params": sum(p.numel() for p in params)}
-
-
-def bench_train_step(cfg: SpeedConfig, name: str = "train-step") -> dict:
-    """One training step (forward, backward, clip, AdamW) of our UNet vs diffusers'
-    UNet2DConditionModel at the same config, batch, latent size and precision (--dtype is the
-    autocast precision; trainable weights are float32 in both, as in train/).
-
-        python -m eval.speed train-step-tiny --batch 2 --latent 8 --repeats 20 --clock process
-        python -m eval.speed train-step --batch 1 --latent 32 --repeats 3 --clock process   # ~14 GB RAM each
-        python -m eval.speed train-step-ckpt --device cuda --dtype bf16 --batch 2 --latent 64 --repeats 10 --warmup 3
-
-    Each implementation runs in its own fresh Python process, so its peak memory is its own;
-    the order is ours, diffusers, diffusers, ours (medians over both runs) so that load on a
-    shared machine hits both alike. A toy warm-up step runs before each baseline so that lazily
-    imported code is not counted as training memory (see `_warm_process`).
-    """
-    import json
-    import os
-    import subprocess
-
-    preset_name, checkpointing = TRAIN_STEP_VARIANTS[name]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    runs: dict[str, list[dict]] = {"ours": [], "reference": []}
-    for implementation in ("ours", "reference", "reference", "ours"):
-        code = (f"import json, sys; sys.path.insert(0, {root!r}); from eval.speed import train_step_child; "
-                f"print(json.dumps(train_step_child({implementation!r}, {preset_name!r}, {checkpointing!r}, "
-                f"{dict(vars(cfg))!r})))")
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
-        if proc.returncode != 0:
-            raise RuntimeError(f"eval.speed {name}: the {implementation} process failed:\n{proc.stderr[-3000:]}")
-        runs[implementation].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    ours_ms = statistics.median(r["ms"] for r in runs["ours"])
-    reference_ms = statistics.median(r["ms"] for r in runs["reference"])
-    ours_mem = max(r["peak_bytes"] for r in runs["ours"])
-    reference_mem = max(r["peak_bytes"] for r in runs["reference"])
-    result = {"benchmark": name, "model": preset_name, "gradient_checkpointing": checkpointing,
-              "device": cfg.device, "dtype": cfg.dtype, "batch": cfg.batch, "latent": cfg.latent,
-              "params": runs["ours"][0]["params"], "reference_params": runs["reference"][0]["params"],
-              "ours_ms": ours_ms, "reference_ms": reference_ms, "time_ratio": ours_ms / reference_ms,
-              "ours_peak_mib": ours_mem / 2 ** 20, "reference_peak_mib": reference_mem / 2 ** 20,
-              "memory_ratio": ours_mem / reference_mem}
-    result["clock"] = cfg.clock
-    print(f"{name} {preset_name}{' +checkpointing' if checkpointing else ''} {cfg.device} {cfg.dtype} "
-          f"batch {cfg.batch} latent {cfg.latent}: ours {ours_ms:.1f} ms, diffusers {reference_ms:.1f} ms, "
-          f"time ours/diffusers {result['time_ratio']:.3f} ({cfg.clock} time); peak memory ours "
-          f"{result['ours_peak_mib']:.0f} MiB, diffusers {result['reference_peak_mib']:.0f} MiB, "
-          f"ours/diffusers {result['memory_ratio']:.3f}")
-    return result
-
-
-for _name, (_preset, _checkpointing) in TRAIN_STEP_VARIANTS.items():
-    BENCHMARKS[_name] = (lambda cfg, name=_name: bench_train_step(cfg, name),
-                         f"one training step (forward, backward, clip, AdamW) of the {_preset} UNet"
-                         f"{' with gradient checkpointing' if _checkpointing else ''}, ours vs diffusers: "
-                         f"time and peak memory, each in a fresh process")
-
-
-# ----------------------------------------------------------------------------------------------
-# control-step: one ControlNet training step (train.condition's) vs diffusers ControlNetModel + UNet
-# ----------------------------------------------------------------------------------------------
-
-# benchmark name -> (SD preset of the UNet and its control copy, gradient checkpointing)
-CONTROL_STEP_VARIANTS: dict[str, tuple[str, bool]] = {
-    "control-step": ("sd15", False),
-    "control-step-tiny": ("tiny", False),
-    "control-step-ckpt": ("sd15", True),
-}
-
-
-def control_step_child(implementation: str, preset_name: str, checkpointing: bool, options: dict) -> dict:
-    """One implementation's control training steps, run in a fresh process (see `bench_control_step`).
-
-    A step, as train.condition runs it: autocast forward of the control copy on (x_t, t, context,
-    hint), the frozen UNet with its residuals, float32 MSE, (scaled) backward, then
-    train.optim.optimizer_step on the control's parameters (unscale, clip to 1.0, fused AdamW,
-    zero_grad). The control trains in float32; the frozen UNet is stored in cfg.dtype, which is also
-    the autocast precision (train.condition's --precision; diffusers' train_controlnet.py does the
-    same with its weight_dtype). Memory is measured as in `train_step_child`: peak RSS (CPU) or
-    peak allocated CUDA memory minus what was in use before the networks were built.
-    """
-    import resource
-
-    import torch.nn.functional as F
-
-    from model.controlnet import ControlNet, hint_widths_for
-    from model.stable_diffusion import preset
-    from model.unet import UNet
-    from train.condition import controlled_output
-    from train.optim import build_adamw, optimizer_step, param_group
-    from train.precision import autocast, make_grad_scaler, precision_dtype
-
-    cfg = SpeedConfig(**options)
-    device, dtype = torch.device(cfg.device), precision_dtype(cfg.dtype)
-    unet_config = preset(preset_name).unet
-    if implementation == "reference":
-        from diffusers import ControlNetModel, UNet2DConditionModel
-
-        from weights.configs import unet_config_to_diffusers
-        reference_config = {k: v for k, v in unet_config_to_diffusers(unet_config, cfg.latent).items()
-                            if not k.startswith("_")}
-    _warm_process(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated() if device.type == "cuda" else _rss_bytes()
-
-    torch.manual_seed(cfg.seed)
-    if implementation == "ours":
-        unet = UNet(unet_config).to(device)
-        control = ControlNet.from_unet(unet)
-        unet.set_gradient_checkpointing(checkpointing)
-        control.set_gradient_checkpointing(checkpointing)
-        forward = lambda x, t, context, hint: controlled_output(unet, control, x, t, context, hint)  # noqa: E731
-    else:
-        unet = UNet2DConditionModel(**reference_config).to(device)
-        control = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=hint_widths_for(
-            unet_config.model_channels)).to(device)  # from_unet builds on the CPU
-        if checkpointing:
-            unet.enable_gradient_checkpointing()
-            control.enable_gradient_checkpointing()
-
-        def forward(x, t, context, hint):
-            down, mid = control(x, t, encoder_hidden_states=context, controlnet_cond=hint, return_dict=False)
-            return unet(x, t, encoder_hidden_states=context, down_block_additional_residuals=down,
-                        mid_block_additional_residual=mid).sample
-    unet.requires_grad_(False).train()  # train(): the reference checkpoints only in training mode
-    if dtype != torch.float32:
-        unet.to(dtype)
-    control.requires_grad_(True).train()
-    params = list(control.parameters())
-    optimizer = build_adamw([param_group("control", params, lr=1e-5)])
-    scaler = make_grad_scaler(cfg.dtype, device)
-    g = torch.Generator().manual_seed(cfg.seed + 1)
-    x = torch.randn(cfg.batch, 4, cfg.latent, cfg.latent, generator=g).to(device)
-    target = torch.randn(cfg.batch, 4, cfg.latent, cfg.latent, generator=g).to(device)
-    t = torch.randint(0, 1000, (cfg.batch,), generator=g).to(device)
-    context = torch.randn(cfg.batch, 77, unet_config.context_dim, generator=g).to(device)
-    hint = torch.rand(cfg.batch, 3, 8 * cfg.latent, 8 * cfg.latent, generator=g).to(device)
-
-    def step() -> None:
-        with autocast(device, cfg.dtype):
-            pred = forward(x, t, context, hint)
-        loss = F.mse_loss(pred.float(), target)
-        scaler.scale(loss).backward()
-        optimizer_step(optimizer, scaler, params, max_grad_norm=1.0)
-
-    ms = median_ms({"step": step}, cfg.device, cfg.warmup, cfg.repeats, cfg.clock)["step"]
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before  # ru_maxrss is KiB on Linux
-    return {"ms": ms, "peak_bytes": peak, "params": sum(p.numel() for p in params)}
-
-
-def bench_control_step(cfg: SpeedConfig, name: str = "control-step") -> dict:
-    """One control training step (control forward, frozen UNet with the residuals, backward, clip,
-    AdamW on the control) of ours (model/controlnet.py + model/unet.py, train.condition's
-    `controlled_output`) vs diffusers' ControlNetModel + UNet2DConditionModel at the same config,
-    batch, latent size and precision (--dtype: the frozen UNet's dtype and the autocast precision;
-    the control trains in float32 in both).
-
-        OMP_NUM_THREADS=1 python -m eval.speed control-step-tiny --batch 2 --latent 8 --repeats 20 --clock process
-        OMP_NUM_THREADS=1 python -m eval.speed control-step --batch 1 --latent 32 --repeats 3 --clock process  # ~10 GB
-        python -m eval.speed control-step-ckpt --device cuda --dtype bf16 --batch 4 --latent 64 --repeats 10 --warmup 3
-
-    As `bench_train_step`: each implementation in its own fresh process (order ours, diffusers,
-    diffusers, ours; medians of the times, the larger peak memory of the two runs). On a CPU machine
-    that others share, one thread: with two, CPU time includes OpenMP threads spinning while their
-    sibling waits for a core, and repeated runs of the same step differed by up to 5x.
-    """
-    import json
-    import os
-    import subprocess
-
-    preset_name, checkpointing = CONTROL_STEP_VARIANTS[name]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    runs: dict[str, list[dict]] = {"ours": [], "reference": []}
-    for implementation in ("ours", "reference", "reference", "ours"):
-        code = (f"import json, sys; sys.path.insert(0, {root!r}); from eval.speed import control_step_child; "
-                f"print(json.dumps(control_step_child({implementation!r}, {preset_name!r}, {checkpointing!r}, "
-                f"{dict(vars(cfg))!r})))")
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
-        if proc.returncode != 0:
-            raise RuntimeError(f"eval.speed {name}: the {implementation} process failed:\n{proc.stderr[-3000:]}")
-        runs[implementation].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    ours_ms = statistics.median(r["ms"] for r in runs["ours"])
-    reference_ms = statistics.median(r["ms"] for r in runs["reference"])
-    ours_mem = max(r["peak_bytes"] for r in runs["ours"])
-    reference_mem = max(r["peak_bytes"] for r in runs["reference"])
-    result = {"benchmark": name, "model": preset_name, "gradient_checkpointing": checkpointing,
-              "device": cfg.device, "dtype": cfg.dtype, "batch": cfg.batch, "latent": cfg.latent,
-              "control_params": runs["ours"][0]["params"], "reference_control_params": runs["reference"][0]["params"],
-              "ours_ms": ours_ms, "reference_ms": reference_ms, "time_ratio": ours_ms / reference_ms,
-              "ours_peak_mib": ours_mem / 2 ** 20, "reference_peak_mib": reference_mem / 2 ** 20,
-              "memory_ratio": ours_mem / reference_mem, "clock": cfg.clock}
-    print(f"{name} {preset_name}{' +checkpointing' if checkpointing else ''} {cfg.device} {cfg.dtype} "
-          f"batch {cfg.batch} latent {cfg.latent}: ours {ours_ms:.1f} ms, diffusers {reference_ms:.1f} ms, "
-          f"time ours/diffusers {result['time_ratio']:.3f} ({cfg.clock} time); peak memory ours "
-          f"{result['ours_peak_mib']:.0f} MiB, diffusers {result['reference_peak_mib']:.0f} MiB, "
-          f"ours/diffusers {result['memory_ratio']:.3f}")
-    return result
-
-
-for _name, (_preset, _checkpointing) in CONTROL_STEP_VARIANTS.items():
-    BENCHMARKS[_name] = (lambda cfg, name=_name: bench_control_step(cfg, name),
-                         f"one ControlNet training step (control copy + frozen {_preset} UNet, backward, clip, "
-                         f"AdamW){' with gradient checkpointing' if _checkpointing else ''}, ours vs diffusers: "
-                         f"time and peak memory, each in a fresh process")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -628,29 +264,16 @@ BENCHMARKS["synth"] = (bench_synth, "SADF synthesis images/s (tiny on CPU, SD 1.
 # ----------------------------------------------------------------------------------------------
 
 def get_args_parser() -> argparse.ArgumentParser:
-    summary = "; ".join(f"{name}: {text}" for name, (_, text) in BENCHMARKS.items())
-    parser = argparse.ArgumentParser(prog="python -m eval.speed",
-                                     description=f"Speed benchmarks, ours vs the reference. {summary}")
-    parser.add_argument("benchmark", choices=list(BENCHMARKS), help="which benchmark to run")
-    return add_dataclass_arguments(parser, SpeedOptions)
+    return benchmark_parser("eval.speed", "Speed benchmarks of inference, ours vs the reference "
+                                          "(training steps: python -m train.speed).", BENCHMARKS)
 
 
 def main(cfg: SpeedConfig) -> dict:
-    if cfg.benchmark not in BENCHMARKS:
-        raise ValueError(f"eval.speed: unknown benchmark {cfg.benchmark!r}; expected one of {sorted(BENCHMARKS)}")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("eval.speed: --device cuda but torch.cuda.is_available() is False")
-    if cfg.clock == "process" and cfg.device == "cuda":
-        raise ValueError("eval.speed: --clock process measures CPU time; use --clock wall with --device cuda")
-    if cfg.repeats < 1:
-        raise ValueError(f"eval.speed: --repeats must be at least 1, got {cfg.repeats}")
-    bench, _ = BENCHMARKS[cfg.benchmark]
-    return bench(cfg)
+    return run_benchmark(cfg, BENCHMARKS, "eval.speed")
 
 
 def cli(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    main(config_from_args(SpeedConfig, args))
+    main(config_from_argv(get_args_parser(), argv))
     return 0
 
 

@@ -1,2 +1,3 @@
-"""The two training phases (`train.concept`, `train.condition`) and their small shared helpers.
-Nothing imports train/."""
+"""The two training phases (`train.concept`, `train.condition`), the demo's tiny prior
+(`train.prior`), their small shared helpers, and the speed benchmarks of one training step
+(`train.speed`). Nothing imports train/ but the umbrella command (defectsynth/) and the tests."""
