@@ -3,7 +3,7 @@
     python -m eval.speed unet --device cpu --dtype fp32 --batch 1 --latent 64 --repeats 3
     python -m eval.speed t2i --latent 8 --batch 4 --clock process --results runs/speed.jsonl
 
-unet: one SD 1.5 UNet forward; t2i: text-to-image per image; synth: SADF synthesis images/s. Each
+unet(-tiny): one UNet forward; t2i: text-to-image per image; synth: SADF synthesis images/s. Each
 benchmark is a function `bench(cfg) -> dict` registered in BENCHMARKS under a name; it prints one
 line and returns its numbers (times in milliseconds, medians over `repeats` timed runs after
 `warmup` untimed ones; ours and the reference alternate, so load on a shared machine hits both
@@ -24,26 +24,35 @@ from defectsynth.benchmark import (DTYPES, Benchmarks, SpeedConfig, benchmark_pa
                                    run_benchmark)
 
 # ----------------------------------------------------------------------------------------------
-# unet: one SD 1.5 UNet forward (ours vs diffusers' UNet2DConditionModel)
+# unet: one UNet forward (ours vs diffusers' UNet2DConditionModel)
 # ----------------------------------------------------------------------------------------------
 
-def bench_unet(cfg: SpeedConfig) -> dict:
-    """One SD 1.5 UNet forward (random weights, 77-token context): ours vs diffusers'
-    UNet2DConditionModel with the same weights (saved by diffusers, loaded by our loader)."""
+# benchmark name -> SD preset of the UNet
+UNET_VARIANTS: dict[str, str] = {"unet": "sd15", "unet-tiny": "tiny"}
+
+
+def bench_unet(cfg: SpeedConfig, name: str = "unet") -> dict:
+    """One UNet forward (random weights, 77-token context): ours vs diffusers'
+    UNet2DConditionModel with the same weights (saved by diffusers, loaded by our loader).
+    unet: SD 1.5; unet-tiny: the tiny preset (a parity and smoke check that runs in seconds on a CPU)."""
     from diffusers import UNet2DConditionModel
 
-    from model.unet import UNetConfig
+    from model.stable_diffusion import preset
     from weights import load_unet
+    from weights.configs import unet_config_to_diffusers
 
     dtype, device = DTYPES[cfg.dtype], torch.device(cfg.device)
+    preset_name = UNET_VARIANTS[name]
+    unet_config = preset(preset_name).unet
     torch.manual_seed(cfg.seed)
-    # The SD 1.5 unet/config.json values (the diffusers defaults plus these three).
-    reference = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).eval()
+    # The diffusers config.json of the preset (for sd15: SD 1.5's unet/config.json values).
+    reference = UNet2DConditionModel(**{k: v for k, v in unet_config_to_diffusers(unet_config, cfg.latent).items()
+                                        if not k.startswith("_")}).eval()
     with tempfile.TemporaryDirectory() as folder:
         reference.save_pretrained(folder)
         ours = load_unet(folder).eval()
-    if ours.config != UNetConfig.sd15():
-        raise RuntimeError(f"eval.speed unet: the loaded UNet is not SD 1.5: {ours.config}")
+    if ours.config != unet_config:
+        raise RuntimeError(f"eval.speed {name}: the loaded UNet is not {preset_name}: {ours.config}")
     if (device.type, dtype) != ("cpu", torch.float32):  # diffusers warns on any .to(dtype)
         reference.to(device, dtype)
         ours.to(device, dtype)
@@ -51,27 +60,27 @@ def bench_unet(cfg: SpeedConfig) -> dict:
     g = torch.Generator().manual_seed(cfg.seed + 1)
     x = torch.randn(cfg.batch, 4, cfg.latent, cfg.latent, generator=g).to(device, dtype)
     t = torch.full((cfg.batch,), 500, device=device)
-    context = torch.randn(cfg.batch, 77, 768, generator=g).to(device, dtype)
+    context = torch.randn(cfg.batch, 77, unet_config.context_dim, generator=g).to(device, dtype)
 
     with torch.inference_mode():
         diff = (ours(x, t, context).float() - reference(x, t, context).sample.float()).abs().max().item()
         ms = median_ms({"ours": lambda: ours(x, t, context),
                         "reference": lambda: reference(x, t, context)},
                        cfg.device, cfg.warmup, cfg.repeats, cfg.clock)
-    result = {"benchmark": "unet", "device": cfg.device, "dtype": cfg.dtype, "batch": cfg.batch,
+    result = {"benchmark": name, "device": cfg.device, "dtype": cfg.dtype, "batch": cfg.batch,
               "latent": cfg.latent, "clock": cfg.clock, "ours_ms": ms["ours"], "reference_ms": ms["reference"],
               "ratio": ms["ours"] / ms["reference"], "max_abs_diff": diff}
-    print(f"unet sd15 {cfg.device} {cfg.dtype} batch {cfg.batch} latent {cfg.latent}: "
+    print(f"unet {preset_name} {cfg.device} {cfg.dtype} batch {cfg.batch} latent {cfg.latent}: "
           f"ours {ms['ours']:.1f} ms, diffusers {ms['reference']:.1f} ms, "
           f"ours/diffusers {result['ratio']:.3f} ({cfg.clock} time, median of {cfg.repeats}; "
           f"max |diff| {diff:.2e})")
     return result
 
 
-# name -> (benchmark, one-line summary)
 BENCHMARKS: Benchmarks = {
-    "unet": (bench_unet, "SD 1.5 UNet forward, ours vs diffusers (same weights)"),
-}
+    _name: (lambda cfg, name=_name: bench_unet(cfg, name),
+            f"{_preset} UNet forward, ours vs diffusers (same weights)")
+    for _name, _preset in UNET_VARIANTS.items()}
 
 
 # ----------------------------------------------------------------------------------------------

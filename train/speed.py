@@ -7,7 +7,7 @@
     OMP_NUM_THREADS=1 python -m train.speed control-step --batch 1 --latent 32 --repeats 3 --clock process  # ~10 GB
     python -m train.speed control-step-ckpt --device cuda --dtype bf16 --batch 4 --latent 64 --repeats 10 --warmup 3
 
-train-step(-tiny, -ckpt): one training step of the UNet (forward, backward, clip, AdamW),
+train-step(-tiny, -tiny-ckpt, -ckpt): one training step of the UNet (forward, backward, clip, AdamW),
 ours (model/unet.py) vs diffusers' UNet2DConditionModel at the same config. control-step(-tiny,
 -ckpt): one control training step (control forward, frozen UNet with the residuals, backward, clip,
 AdamW on the control), ours (model/controlnet.py + model/unet.py, train.condition's
@@ -46,6 +46,7 @@ from train.precision import autocast, make_grad_scaler, precision_dtype
 STEP_VARIANTS: dict[str, tuple[str, str, bool]] = {
     "train-step": ("unet", "sd15", False),
     "train-step-tiny": ("unet", "tiny", False),
+    "train-step-tiny-ckpt": ("unet", "tiny", True),
     "train-step-ckpt": ("unet", "sd15", True),
     "control-step": ("control", "sd15", False),
     "control-step-tiny": ("control", "tiny", False),
