@@ -114,19 +114,19 @@ def run_suite(tmp_path: Path, *entries: str, **env: str) -> subprocess.Completed
 
 @pytest.mark.slow
 def test_gpu_suite_tiny_runs_control_step_and_survives_a_failure(tmp_path):
-    # A python that fails for the unet-b4 entry only: the suite must record it and go on.
+    # A python that fails for the unet-b8 entry only: the suite must record it and go on.
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\n"
-                    'if [ "$1 $2 $3" = "-m eval.speed unet-tiny" ]; then case " $* " in *" --batch 4 "*)\n'
+                    'if [ "$1 $2 $3" = "-m eval.speed unet-tiny" ]; then case " $* " in *" --batch 8 "*)\n'
                     '  echo "injected failure" >&2; exit 3;; esac; fi\n'
                     f'exec {shlex.quote(sys.executable)} "$@"\n')
     fake.chmod(0o755)
-    proc = run_suite(tmp_path, "unet-b4", "control-step", PYTHON=str(fake))
+    proc = run_suite(tmp_path, "unet-b8", "control-step", PYTHON=str(fake))
     assert proc.returncode == 1, proc.stdout + proc.stderr  # 1: an entry failed
 
     environment, failed, control_step = read_results(tmp_path / "gpu" / "results.jsonl")
     assert environment["benchmark"] == "environment" and environment["device"] == "cpu"
-    assert failed["entry"] == "unet-b4" and failed["failed"] is True and failed["returncode"] == 3
+    assert failed["entry"] == "unet-b8" and failed["failed"] is True and failed["returncode"] == 3
     assert "injected failure" in failed["error"]
     check_step(control_step, "control-step-tiny", "control_params")
     assert control_step["dtype"] == "fp32" and control_step["batch"] == 4  # the tiny options replace bf16
