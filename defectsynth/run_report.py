@@ -59,6 +59,18 @@ def _figure(src: Path | None, figures: Path, name: str) -> str | None:
     return f"figures/{name}"
 
 
+def _figure_lines(figures: Path, entries: list[tuple[str, Path | None, str]]) -> list[str]:
+    """Markdown for (name, source picture, caption) entries whose picture exists, each copied into
+    OUT/figures/ under its name (a picture already drawn there is linked as it is)."""
+    lines = []
+    for name, src, caption in entries:
+        in_place = src is not None and Path(src).parent == figures and Path(src).is_file()
+        link = f"figures/{name}" if in_place else _figure(src, figures, name)
+        if link:
+            lines.append(f"\n![{caption}]({link})  \n*{caption}*")
+    return lines
+
+
 def _stage_times(out: Path, markers: dict[str, Path]) -> list[list[str]]:
     """Rows of the per-stage table from the markers and run_log.jsonl (every attempt counted)."""
     log = _read_jsonl(out / "run_log.jsonl")
@@ -150,15 +162,11 @@ def write_report(cfg: RunConfig, stages: list[Stage], out: Path, threads: int, s
                          f"i.e. it keeps the shading; its reconstructions (figures/prior_reconstructions.png) show "
                          f"what it blurs away (brushed streaks, 1-pixel cracks and scratches). Everything generated "
                          f"later goes through this decoder, so no image can be sharper than that.")
-        for name, src in (("prior_reconstructions.png", folder["prior"] / "reconstructions.png"),
-                          ("prior_samples.png", _last(folder["prior"] / "samples", "*.png")),
-                          ("prior_curves.png", folder["prior"] / "curves.png")):
-            link = _figure(src, figures, name)
-            if link:
-                caption = {"prior_reconstructions.png": "originals / reconstructions (surfaces, then defect images)",
-                           "prior_samples.png": "prior samples of the caption (DDIM, CFG)",
-                           "prior_curves.png": "VAE and UNet training loss"}[name]
-                lines.append(f"\n![{caption}]({link})  \n*{caption}*")
+        lines += _figure_lines(figures, [
+            ("prior_reconstructions.png", folder["prior"] / "reconstructions.png",
+             "originals / reconstructions (surfaces, then defect images)"),
+            ("prior_samples.png", _last(folder["prior"] / "samples", "*.png"), "prior samples of the caption (DDIM, CFG)"),
+            ("prior_curves.png", folder["prior"] / "curves.png", "VAE and UNet training loss")])
         parts.append("## The prior\n\n" + "\n".join(lines))
 
     # Concept.
@@ -172,15 +180,13 @@ def write_report(cfg: RunConfig, stages: list[Stage], out: Path, threads: int, s
     if concept_metrics:
         first, last = concept_metrics[0], concept_metrics[-1]
         lines.append(f"- loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']})")
-    for name, src in (("concept_loss.png", _concept_curves(concept_dir, figures / "concept_loss.png")),
-                      ("concept_class_images.png", _class_image_grid(concept_dir, figures / "concept_class_images.png")),
-                      ("concept_samples.png", _last(concept_dir / "samples", "*.png"))):
-        link = f"figures/{name}" if src is not None and Path(src).parent == figures else _figure(src, figures, name)
-        if link:
-            caption = {"concept_loss.png": "concept loss (and its prior-preservation term)",
-                       "concept_class_images.png": "class images drawn by the base model",
-                       "concept_samples.png": "samples of the instance prompt after the concept phase"}[name]
-            lines.append(f"\n![{caption}]({link})  \n*{caption}*")
+    lines += _figure_lines(figures, [
+        ("concept_loss.png", _concept_curves(concept_dir, figures / "concept_loss.png"),
+         "concept loss (and its prior-preservation term)"),
+        ("concept_class_images.png", _class_image_grid(concept_dir, figures / "concept_class_images.png"),
+         "class images drawn by the base model"),
+        ("concept_samples.png", _last(concept_dir / "samples", "*.png"),
+         "samples of the instance prompt after the concept phase")])
     parts.append("## Learn the concept\n\n" + "\n".join(lines))
 
     # Condition.
@@ -208,13 +214,10 @@ def write_report(cfg: RunConfig, stages: list[Stage], out: Path, threads: int, s
                          f"{source if source is not None else 1.0:.3f} for the real images. Some SADF masks "
                          f"therefore annotate defects the images show faintly or not at all (see the contact "
                          f"sheet), which is what a detector trained on them learns from.")
-    for name, src in (("condition_curves.png", condition_dir / "curves.png"),
-                      ("condition_validation.png", _last(condition_dir / "validation", "*.png"))):
-        link = _figure(src, figures, name)
-        if link:
-            caption = {"condition_curves.png": "training loss and condition adherence",
-                       "condition_validation.png": "validation: driver | sample, last round"}[name]
-            lines.append(f"\n![{caption}]({link})  \n*{caption}*")
+    lines += _figure_lines(figures, [
+        ("condition_curves.png", condition_dir / "curves.png", "training loss and condition adherence"),
+        ("condition_validation.png", _last(condition_dir / "validation", "*.png"),
+         "validation: driver | sample, last round")])
     parts.append("## Learn the condition\n\n" + "\n".join(lines))
 
     # Synthesis.
