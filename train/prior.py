@@ -53,6 +53,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -284,6 +285,40 @@ def plot_prior_curves(out: Path) -> Path:
     return plot_curves(curves, out / "curves.png")
 
 
+@dataclass
+class PhaseState:
+    """What one phase's checkpoints hold: the network's weights (keys prefixed "<name>."), the
+    optimizer, loss scaler, EMA, generators and data order. Both phases resume and save through it."""
+    name: str
+    label: str  # for messages
+    network: nn.Module
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ema: EMA | None
+    generators: dict[str, torch.Generator]
+    order: IndexStream
+    root: Path
+    may_change: frozenset[str]
+
+    def resume(self, cfg: PriorConfig, info: DistInfo) -> int:
+        """Restore the checkpoint --resume names (if any); returns the step to continue from."""
+        resume_from = resolve_resume(self.root, cfg.resume)
+        if resume_from is None:
+            return 0
+        weights, state = restore_training_state(resume_from, cfg, info, self.optimizer, self.scaler, self.ema,
+                                                self.generators, self.may_change)
+        self.network.load_state_dict(strip_prefix(weights, f"{self.name}."), strict=True)
+        self.order.load_state_dict(state["data"]["order"])
+        print(f"train.prior: {self.label} resumed from {resume_from} at step {state['step']}")
+        return state["step"]
+
+    def save(self, cfg: PriorConfig, info: DistInfo, step: int) -> None:
+        save_training_state(self.root, step, with_prefix(f"{self.name}.", self.network.state_dict()), cfg, info,
+                            self.params, self.optimizer, self.scaler, self.ema, self.generators,
+                            {"order": self.order.state_dict()}, cfg.keep_last)
+
+
 # ------------------------------------------------------------------------------ phase 1: VAE
 
 def train_vae(model: StableDiffusion, images: torch.Tensor, cfg: PriorConfig, info: DistInfo
@@ -300,19 +335,8 @@ def train_vae(model: StableDiffusion, images: torch.Tensor, cfg: PriorConfig, in
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "vae_noise"))  # crops, flips, posterior noise
     generators = {"noise": gen}
 
-    start = 0
-    resume_from = resolve_resume(root, cfg.resume)
-    if resume_from is not None:
-        weights, state = restore_training_state(resume_from, cfg, info, optimizer, scaler, None, generators,
-                                                VAE_MAY_CHANGE)
-        vae.load_state_dict(strip_prefix(weights, "vae."), strict=True)
-        order.load_state_dict(state["data"]["order"])
-        start = state["step"]
-        print(f"train.prior: VAE resumed from {resume_from} at step {start}")
-
-    def save(step: int) -> None:
-        save_training_state(root, step, with_prefix("vae.", vae.state_dict()), cfg, info, params, optimizer,
-                            scaler, None, generators, {"order": order.state_dict()}, cfg.keep_last)
+    phase = PhaseState("vae", "VAE", vae, params, optimizer, scaler, None, generators, order, root, VAE_MAY_CHANGE)
+    start, save = phase.resume(cfg, info), partial(phase.save, cfg, info)
 
     crop = cfg.vae_crop or cfg.resolution
     metrics = MetricsLog(out / "vae_metrics.jsonl", resume_step=start)
@@ -394,19 +418,8 @@ def train_unet(model: StableDiffusion, latents: tuple[torch.Tensor, torch.Tensor
     with torch.no_grad():  # (2, 77, D): the caption and "" through the frozen random text encoder
         contexts = model.text_encoder.to(device)(model.tokenizer([cfg.caption, ""]).to(device)).float()
 
-    start = 0
-    resume_from = resolve_resume(root, cfg.resume)
-    if resume_from is not None:
-        weights, state = restore_training_state(resume_from, cfg, info, optimizer, scaler, ema, generators,
-                                                UNET_MAY_CHANGE)
-        unet.load_state_dict(strip_prefix(weights, "unet."), strict=True)
-        order.load_state_dict(state["data"]["order"])
-        start = state["step"]
-        print(f"train.prior: UNet resumed from {resume_from} at step {start}")
-
-    def save(step: int) -> None:
-        save_training_state(root, step, with_prefix("unet.", unet.state_dict()), cfg, info, params, optimizer,
-                            scaler, ema, generators, {"order": order.state_dict()}, cfg.keep_last)
+    phase = PhaseState("unet", "UNet", unet, params, optimizer, scaler, ema, generators, order, root, UNET_MAY_CHANGE)
+    start, save = phase.resume(cfg, info), partial(phase.save, cfg, info)
 
     metrics = MetricsLog(out / "unet_metrics.jsonl", resume_step=start)
     bar = progress_bar(cfg.unet_steps, start, enabled=cfg.progress, desc="prior UNet")
