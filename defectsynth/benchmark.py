@@ -116,6 +116,27 @@ def peak_memory_since(device: torch.device, before: int) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before  # ru_maxrss is KiB on Linux
 
 
+def saved_activation_bytes(run: Callable[[], object], exclude: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves for backward while `run()` builds its graph,
+    leaving out `exclude` (the trained parameters). This is a training step's activation memory,
+    exact and independent of the allocator (peak RSS on a CPU also counts allocator slack). Inside
+    gradient-checkpointed regions torch's own hooks take over, so there it counts only what the
+    checkpoints keep."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = run()
+    del out
+    return sum(saved.values())
+
+
 def warm_process(device: torch.device, train_toy: Callable[[nn.Module, torch.Tensor], None]) -> None:
     """One step of a toy network with the kinds of layers the SD networks use (conv, GroupNorm,
     linear, attention), trained by `train_toy(toy, loss)` with the benchmark's own backward and

@@ -36,7 +36,7 @@ from torch import nn
 
 from defectsynth.benchmark import (Benchmarks, SpeedConfig, benchmark_parser, config_from_argv, median_ms,
                                    memory_baseline, peak_memory_since, run_benchmark, run_in_fresh_processes,
-                                   warm_process)
+                                   saved_activation_bytes, warm_process)
 from model.stable_diffusion import preset
 from model.unet import UNet, UNetConfig
 from train.optim import build_adamw, optimizer_step, param_group
@@ -170,7 +170,10 @@ def step_child(implementation: str, trained: str, preset_name: str, checkpointin
         optimizer_step(optimizer, scaler, params, max_grad_norm=1.0)
 
     ms = median_ms({"step": step}, cfg.device, cfg.warmup, cfg.repeats, cfg.clock)["step"]
-    return {"ms": ms, "peak_bytes": peak_memory_since(device, before), "params": sum(p.numel() for p in params)}
+    peak = peak_memory_since(device, before)
+    with autocast(device, cfg.dtype):  # after the peak was read: one more forward, its graph dropped
+        saved = saved_activation_bytes(lambda: forward(x, t, context, hint), params)
+    return {"ms": ms, "peak_bytes": peak, "saved_bytes": saved, "params": sum(p.numel() for p in params)}
 
 
 def bench_step(cfg: SpeedConfig, name: str) -> dict:
@@ -189,11 +192,15 @@ def bench_step(cfg: SpeedConfig, name: str) -> dict:
               "ours_ms": ours_ms, "reference_ms": reference_ms, "time_ratio": ours_ms / reference_ms,
               "ours_peak_mib": ours_mem / 2 ** 20, "reference_peak_mib": reference_mem / 2 ** 20,
               "memory_ratio": ours_mem / reference_mem, "clock": cfg.clock}
+    ours_saved, reference_saved = (measured.runs[side][0]["saved_bytes"] for side in ("ours", "reference"))
+    result.update({"ours_saved_mib": ours_saved / 2 ** 20, "reference_saved_mib": reference_saved / 2 ** 20,
+                   "saved_ratio": ours_saved / reference_saved})
     print(f"{name} {preset_name}{' +checkpointing' if checkpointing else ''} {cfg.device} {cfg.dtype} "
           f"batch {cfg.batch} latent {cfg.latent}: ours {ours_ms:.1f} ms, diffusers {reference_ms:.1f} ms, "
           f"time ours/diffusers {result['time_ratio']:.3f} ({cfg.clock} time); peak memory ours "
           f"{result['ours_peak_mib']:.0f} MiB, diffusers {result['reference_peak_mib']:.0f} MiB, "
-          f"ours/diffusers {result['memory_ratio']:.3f}")
+          f"ours/diffusers {result['memory_ratio']:.3f}; saved for backward ours {result['ours_saved_mib']:.1f} "
+          f"MiB, diffusers {result['reference_saved_mib']:.1f} MiB, ours/diffusers {result['saved_ratio']:.3f}")
     return result
 
 
