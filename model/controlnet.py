@@ -43,10 +43,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from model.layers import timestep_embedding, zero_module
-from model.unet import (TimestepSequential, UNet, UNetConfig, build_input_blocks, build_middle_block,
+from model.unet import (CheckpointedBlocks, UNet, UNetConfig, build_input_blocks, build_middle_block,
                         build_time_embed)
 
 # Stage widths of the original hint encoder; `hint_widths_for` extends them with 256 for deeper VAEs.
@@ -121,7 +120,7 @@ def zero_conv(channels: int) -> nn.Sequential:
     return nn.Sequential(zero_module(nn.Conv2d(channels, channels, 1)))
 
 
-class ControlNet(nn.Module):
+class ControlNet(CheckpointedBlocks, nn.Module):
     """control(x, t, context, hint, scale=1.0, guess_mode=False) -> len(input_blocks) + 1 residuals.
 
     Build a fresh copy of a UNet with `ControlNet.from_unet(unet)`; build on the meta device and
@@ -160,16 +159,6 @@ class ControlNet(nn.Module):
         for name in ("time_embed", "input_blocks", "middle_block"):
             getattr(control, name).load_state_dict(getattr(unet, name).state_dict(), strict=True)
         return control
-
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block's activations in backward (less memory, ~30% more compute)."""
-        self.gradient_checkpointing = enabled
-
-    def _run(self, block: TimestepSequential, h: torch.Tensor, emb: torch.Tensor,
-             context: torch.Tensor) -> torch.Tensor:
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, use_reentrant=False)
-        return block(h, emb, context)
 
     def residual_scales(self, scale: float = 1.0, guess_mode: bool = False) -> list[float]:
         """The factor of each residual (input blocks, then middle): `scale`, or guess mode's ramp."""

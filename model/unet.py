@@ -363,7 +363,27 @@ def build_output_blocks(cfg: UNetConfig, skip_channels: list[int]) -> nn.ModuleL
 # The model
 # ----------------------------------------------------------------------------------------------
 
-class UNet(nn.Module):
+class CheckpointedBlocks:
+    """The opt-in gradient-checkpointing switch of the UNet and the control copy: `_run` calls a
+    TimestepSequential block, recomputing its activations in backward when the switch is on."""
+
+    gradient_checkpointing: bool = False
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in backward instead of storing them (less memory,
+        ~30% more compute). Only active while autograd is recording."""
+        self.gradient_checkpointing = enabled
+
+    def _run(self, block: TimestepSequential, h: torch.Tensor, emb: torch.Tensor,
+             context: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            # Non-reentrant checkpointing: works with inputs that do not require grad (frozen
+            # latents) and with torch.compile; RNG state is restored for the recompute.
+            return checkpoint(block, h, emb, context, use_reentrant=False)
+        return block(h, emb, context)
+
+
+class UNet(CheckpointedBlocks, nn.Module):
     """eps (or v) prediction network: UNet(config)(x, t, context, control=None).
 
     Build on the meta device and load with `load_state_dict(sd, strict=True, assign=True)`:
@@ -383,19 +403,6 @@ class UNet(nn.Module):
             nn.SiLU(),
             zero_module(nn.Conv2d(config.model_channels, config.out_channels, 3, padding=1)),
         )
-
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block's activations in backward instead of storing them (less memory,
-        ~30% more compute). Only active while autograd is recording."""
-        self.gradient_checkpointing = enabled
-
-    def _run(self, block: TimestepSequential, h: torch.Tensor, emb: torch.Tensor,
-             context: torch.Tensor) -> torch.Tensor:
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            # Non-reentrant checkpointing: works with inputs that do not require grad (frozen
-            # latents) and with torch.compile; RNG state is restored for the recompute.
-            return checkpoint(block, h, emb, context, use_reentrant=False)
-        return block(h, emb, context)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 control: list[torch.Tensor] | None = None) -> torch.Tensor:
