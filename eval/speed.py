@@ -112,8 +112,9 @@ def bench_t2i(cfg: SpeedConfig) -> dict:
     ours = random_pipeline(preset_name, seed=cfg.seed)  # every weight random, zero-init layers included
     with tempfile.TemporaryDirectory() as folder:
         save_diffusers(ours, folder, dtype=dtype)
+        # The reference reads the folder we just wrote; local_files_only: it never goes to the network.
         reference = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None,
-                                                            feature_extractor=None)
+                                                            feature_extractor=None, local_files_only=True)
     ours.to(device=device, dtype=dtype)
     reference.to(device)
     reference.set_progress_bar_config(disable=True)
@@ -211,8 +212,9 @@ def bench_synth(cfg: SpeedConfig) -> dict:
         run = prepare(synth, device, dtype)
         run.run_file["models"] = {"ckpt": "bench", "control": "bench"}
         reference = StableDiffusionControlNetPipeline.from_pretrained(
-            folder / "sd", controlnet=ControlNetModel.from_pretrained(folder / "controlnet", torch_dtype=dtype),
-            torch_dtype=dtype, safety_checker=None, feature_extractor=None)
+            folder / "sd", controlnet=ControlNetModel.from_pretrained(folder / "controlnet", torch_dtype=dtype,
+                                                                      local_files_only=True),
+            torch_dtype=dtype, safety_checker=None, feature_extractor=None, local_files_only=True)
         reference.scheduler = DPMSolverMultistepScheduler.from_config(
             reference.scheduler.config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="linspace",
             steps_offset=0)
