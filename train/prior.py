@@ -53,7 +53,6 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -313,6 +312,16 @@ class PhaseState:
         print(f"train.prior: {self.label} resumed from {resume_from} at step {state['step']}")
         return state["step"]
 
+    def checkpoint(self, cfg: PriorConfig, info: DistInfo, done: int, last: int, stopped: bool, bar) -> bool:
+        """After optimizer step `done`: save when a signal stopped the run, at the phase's last step
+        and every --checkpoint-every steps. Returns whether the loop must stop."""
+        if stopped or done == last or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+            self.save(cfg, info, done)
+        if stopped:
+            bar.write(f"stopped by signal: saved {self.label} step {done} under {self.root}; "
+                      f"continue with --resume latest")
+        return stopped
+
     def save(self, cfg: PriorConfig, info: DistInfo, step: int) -> None:
         save_training_state(self.root, step, with_prefix(f"{self.name}.", self.network.state_dict()), cfg, info,
                             self.params, self.optimizer, self.scaler, self.ema, self.generators,
@@ -336,7 +345,7 @@ def train_vae(model: StableDiffusion, images: torch.Tensor, cfg: PriorConfig, in
     generators = {"noise": gen}
 
     phase = PhaseState("vae", "VAE", vae, params, optimizer, scaler, None, generators, order, root, VAE_MAY_CHANGE)
-    start, save = phase.resume(cfg, info), partial(phase.save, cfg, info)
+    start = phase.resume(cfg, info)
 
     crop = cfg.vae_crop or cfg.resolution
     metrics = MetricsLog(out / "vae_metrics.jsonl", resume_step=start)
@@ -364,10 +373,7 @@ def train_vae(model: StableDiffusion, images: torch.Tensor, cfg: PriorConfig, in
                                "grad_norm": grad_norm.item()})
                 bar.set_postfix(l1=f"{record['l1']:.4f}")
             stopped = stop.requested
-            if stopped or done == cfg.vae_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
-                save(done)
-            if stopped:
-                bar.write(f"stopped by signal: saved VAE step {done} under {root}; continue with --resume latest")
+            if phase.checkpoint(cfg, info, done, cfg.vae_steps, stopped, bar):
                 break
     bar.close()
     metrics.close()
@@ -419,7 +425,7 @@ def train_unet(model: StableDiffusion, latents: tuple[torch.Tensor, torch.Tensor
         contexts = model.text_encoder.to(device)(model.tokenizer([cfg.caption, ""]).to(device)).float()
 
     phase = PhaseState("unet", "UNet", unet, params, optimizer, scaler, ema, generators, order, root, UNET_MAY_CHANGE)
-    start, save = phase.resume(cfg, info), partial(phase.save, cfg, info)
+    start = phase.resume(cfg, info)
 
     metrics = MetricsLog(out / "unet_metrics.jsonl", resume_step=start)
     bar = progress_bar(cfg.unet_steps, start, enabled=cfg.progress, desc="prior UNet")
@@ -450,10 +456,7 @@ def train_unet(model: StableDiffusion, latents: tuple[torch.Tensor, torch.Tensor
                                "grad_norm": grad_norm.item()})
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             stopped = stop.requested
-            if stopped or done == cfg.unet_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
-                save(done)
-            if stopped:
-                bar.write(f"stopped by signal: saved UNet step {done} under {root}; continue with --resume latest")
+            if phase.checkpoint(cfg, info, done, cfg.unet_steps, stopped, bar):
                 break
             if cfg.sample_every and done % cfg.sample_every == 0 and done < cfg.unet_steps:
                 unet.eval()
