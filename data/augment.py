@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from defectsynth.errors import UserError, command
 from defectsynth.runconfig import config_from_args, config_to_dict, parser_from_dataclass
 
 from .coco import Coco, annotations_by_image, decode_instances, new_coco, save_coco
@@ -154,7 +155,7 @@ def augment_dataset(data: Coco, out_dir: str | Path, config: AugmentConfig = Aug
 
         previous = json.loads(config_path.read_text(encoding="utf-8"))
         if previous != settings:
-            raise ValueError(f"{config_path}: {out_dir} holds variants made with other settings "
+            raise UserError(f"{config_path}: {out_dir} holds variants made with other settings "
                              f"({previous}); use another --out or delete it")
     write_json_atomic(config_path, settings, indent=2)
     by_image = annotations_by_image(data)
@@ -202,7 +203,7 @@ def main(cfg: AugmentRunConfig) -> Coco:
     from .importers import load_dataset
 
     if not cfg.data or not cfg.out:
-        raise ValueError("data.augment: --data and --out are required")
+        raise UserError("data.augment: --data and --out are required")
     config = AugmentConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(AugmentConfig)})
     data = load_dataset(cfg.data)
     out = augment_dataset(data, cfg.out, config, seed=cfg.seed, ext=cfg.ext)
@@ -210,6 +211,7 @@ def main(cfg: AugmentRunConfig) -> Coco:
     return out
 
 
+@command("augment")
 def cli(argv: list[str] | None = None) -> int:
     cfg = config_from_args(AugmentRunConfig, get_args_parser().parse_args(argv))
     main(cfg)

@@ -19,6 +19,8 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from defectsynth.errors import UserError
+
 from .files import write_json_atomic
 from .images import ImageReadError, image_size
 from .masks import label_map, rle_area, rle_bbox, rle_to_mask, segmentation_to_rle
@@ -26,7 +28,7 @@ from .masks import label_map, rle_area, rle_bbox, rle_to_mask, segmentation_to_r
 Coco = dict[str, Any]
 
 
-class CocoError(ValueError):
+class CocoError(UserError):
     """A COCO file or dict breaks the format; the message names the file and the record."""
 
 

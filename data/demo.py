@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from defectsynth.errors import UserError, command
 from defectsynth.runconfig import config_from_args, parser_from_dataclass
 
 from .coco import Coco, new_coco, save_coco
@@ -156,9 +157,9 @@ def make_demo_dataset(cfg: DemoConfig, progress: bool = True) -> tuple[Coco, Coc
     """Generate and write the dataset; returns (defective COCO, defect-free COCO)."""
     unknown = sorted(set(cfg.classes) - set(DRAW))
     if unknown or not cfg.classes:
-        raise ValueError(f"DemoConfig.classes: unknown {unknown}; choose from {list(DEFECT_CLASSES)}")
+        raise UserError(f"DemoConfig.classes: unknown {unknown}; choose from {list(DEFECT_CLASSES)}")
     if not cfg.out:
-        raise ValueError("data.demo: --out is required")
+        raise UserError("data.demo: --out is required")
     out = Path(cfg.out).resolve()
     defects, free = new_coco(list(cfg.classes)), new_coco(list(cfg.classes))
     for i in tqdm(range(cfg.num_defective), desc="demo defective", disable=not progress):
@@ -191,6 +192,7 @@ def get_args_parser():
     return parser_from_dataclass(DemoConfig, prog="python -m data.demo")
 
 
+@command("demo-data")
 def cli(argv: list[str] | None = None) -> int:
     main(config_from_args(DemoConfig, get_args_parser().parse_args(argv)))
     return 0

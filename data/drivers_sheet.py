@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from defectsynth.errors import UserError, command
 from defectsynth.runconfig import config_from_args, parser_from_dataclass
 
 from .coco import annotations_by_image, decode_instances
@@ -72,14 +73,14 @@ def main(cfg: DriversSheetConfig) -> Path:
     from .importers import load_dataset
 
     if not cfg.data or not cfg.out:
-        raise ValueError("data.drivers_sheet: --data and --out are required")
+        raise UserError("data.drivers_sheet: --data and --out are required")
     data = load_dataset(cfg.data, progress=False)
     driver_cfg = DriverConfig(downscale=cfg.downscale, threshold_method=cfg.threshold_method,
                               block_size=cfg.block_size, threshold_c=cfg.threshold_c,
                               background_level=cfg.background_level, upsample=cfg.upsample)
     images = list(data["images"])
     if not images:
-        raise ValueError(f"{cfg.data}: no images")
+        raise UserError(f"{cfg.data}: no images")
     if cfg.shuffle:
         images = [images[i] for i in np.random.default_rng(cfg.seed).permutation(len(images))]
     images = images[: cfg.num] if cfg.num > 0 else images
@@ -98,6 +99,7 @@ def get_args_parser():
     return parser_from_dataclass(DriversSheetConfig, prog="python -m data.drivers_sheet")
 
 
+@command("drivers")
 def cli(argv: list[str] | None = None) -> int:
     main(config_from_args(DriversSheetConfig, get_args_parser().parse_args(argv)))
     return 0

@@ -20,10 +20,12 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from defectsynth.errors import UserError
+
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-class ImageReadError(ValueError):
+class ImageReadError(UserError):
     """An image or mask file is missing, empty or cannot be decoded; the message names the file."""
 
 
@@ -92,7 +94,7 @@ def list_images(folder: str | os.PathLike, recursive: bool = True,
     """Image files under `folder` (sorted, hidden files skipped)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: not a folder")
+        raise UserError(f"{folder}: not a folder")
     pattern = "**/*" if recursive else "*"
     exts = {e.lower() for e in extensions}
     return sorted(p for p in folder.glob(pattern)

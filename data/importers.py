@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
+from defectsynth.errors import UserError, command
 from defectsynth.runconfig import config_from_args, parser_from_dataclass
 
 from .coco import Coco, coco_stats, format_stats, load_coco, new_coco, save_coco
@@ -38,7 +39,7 @@ from .masks import connected_instances, mask_to_polygons, mask_to_rle, polygons_
 FORMATS = ("class-folders", "class-index", "labelme", "images")
 
 
-class DatasetImportError(ValueError):
+class DatasetImportError(UserError):
     """An input of an importer is missing or malformed; the message names the file."""
 
 
@@ -289,7 +290,7 @@ def get_args_parser():
 
 def main(cfg: ImportConfig) -> Coco:
     if not cfg.root or not cfg.out:
-        raise ValueError("data.importers: --root and --out are required")
+        raise UserError("data.importers: --root and --out are required")
     start = time.perf_counter()
     common = dict(image_exts=cfg.image_exts)
     if cfg.format == "class-folders":
@@ -313,6 +314,7 @@ def main(cfg: ImportConfig) -> Coco:
     return coco
 
 
+@command("import")
 def cli(argv: list[str] | None = None) -> int:
     main(config_from_args(ImportConfig, get_args_parser().parse_args(argv)))
     return 0

@@ -2,11 +2,15 @@
 
 Each stage is a module with `cli(argv)` (parse flags from its run-config dataclass, call
 `main(cfg)`), so `defectsynth concept --help` and `python -m train.concept --help` are the same.
+Expected mistakes print `defectsynth <stage>: <one line>` and exit 2 (defectsynth/errors.py).
 """
 from __future__ import annotations
 
 import importlib
 import sys
+
+from defectsynth.errors import command
+from defectsynth.runconfig import invoked_as
 
 # stage name -> (module, one-line summary). Modules are imported only when their stage runs.
 STAGES: dict[str, tuple[str, str]] = {
@@ -41,10 +45,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     stage, rest = argv[0], argv[1:]
     if stage not in STAGES:
-        print(f"defectsynth: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
+        print(f"defectsynth: unknown stage {stage!r}; expected one of {', '.join(STAGES)} "
+              f"(defectsynth --help lists them)", file=sys.stderr)
         return 2
     module = importlib.import_module(STAGES[stage][0])
-    result = module.cli(rest)
+    # Each stage's cli is wrapped by defectsynth.errors.command: an expected error (bad flag,
+    # file, data, full disk) is one line on stderr and exit 2; a bug keeps its traceback.
+    with invoked_as(f"defectsynth {stage}"):  # --help and errors say `defectsynth <stage>`
+        result = command(stage)(module.cli)(rest)
     return int(result or 0)
 
 

@@ -49,6 +49,7 @@ import torch
 
 from data.demo import DemoConfig
 from defectsynth.run_report import write_report
+from defectsynth.errors import UserError, command
 from defectsynth.runconfig import add_dataclass_arguments, config_to_dict, load_config_json, save_config_json
 from eval.paper import PaperConfig
 from sample.synthesize import SynthesizeConfig
@@ -140,11 +141,11 @@ def demo_stage_configs() -> dict[str, Any]:
 def resolve_run_config(cfg: RunConfig) -> RunConfig:
     """Check the flags and fill every None stage config with the mode's defaults."""
     if cfg.data and not cfg.free:
-        raise ValueError("defectsynth run: --data needs --free (the defect-free images the synthesis draws drivers from)")
+        raise UserError("defectsynth run: --data needs --free (the defect-free images the synthesis draws drivers from)")
     if cfg.free and not cfg.data:
-        raise ValueError("defectsynth run: --free without --data; the demo makes its own defect-free images")
+        raise UserError("defectsynth run: --free without --data; the demo makes its own defect-free images")
     if cfg.stop_after and cfg.stop_after not in STAGES:
-        raise ValueError(f"defectsynth run: --stop-after must be one of {STAGES}, got {cfg.stop_after!r}")
+        raise UserError(f"defectsynth run: --stop-after must be one of {STAGES}, got {cfg.stop_after!r}")
     defaults = demo_stage_configs() if cfg.demo else {
         "demo_data": DemoConfig(), "prior": PriorConfig(), "concept": ConceptConfig(), "condition": ConditionConfig(),
         "synthesize": SynthesizeConfig(), "evaluate": PaperConfig()}
@@ -183,6 +184,24 @@ def plan(cfg: RunConfig) -> list[Stage]:
         annotated, free = folder["data"] / "annotations.json", folder["data"] / "free.json"
     else:
         demo = None
+    scale = DEMO_EXTRA_STEPS if cfg.demo else {"concept": 1.0, "condition": 1.0}
+    extra = {"concept_small": ("concept", {}),
+             # the extra controls validate once, at the end (their adherence is reported, not plotted)
+             "condition_extra": ("condition", {"validate_every": 0} if cfg.demo else {})}
+    for name, (main, changes) in extra.items():
+        if getattr(cfg, name) is None:
+            base = filled[main]
+            filled[name] = replace(base, steps=max(1, round(base.steps * scale[main])), **changes)
+    unknown = sorted(set(cfg.tables) - set(TABLES))
+    if unknown:
+        raise UserError(f"defectsynth run: --tables {' '.join(unknown)}: unknown; choose from {' '.join(TABLES)}")
+    from defectsynth.splits import check_fractions
+    try:
+        check_fractions(tuple(cfg.split))
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if not 0 < cfg.small_fraction <= 1:
+        raise UserError(f"defectsynth run: --small-fraction must be in (0, 1], got {cfg.small_fraction}")
         data = Path(cfg.data)
         annotated, free = (data / "annotations.json" if data.is_dir() else data), Path(cfg.free)
     prior_source = None
@@ -280,7 +299,7 @@ def finished(stage: Stage, out: Path) -> bool:
     before, now = marker.get("config"), comparable(stage.config)
     if before != now:
         changed = sorted(k for k in set(before or {}) | set(now or {}) if (before or {}).get(k) != (now or {}).get(k))
-        raise ValueError(f"defectsynth run: stage {stage.name!r} in {out} finished with other settings "
+        raise UserError(f"defectsynth run: stage {stage.name!r} in {out} finished with other settings "
                          f"(changed: {', '.join(changed)}); use a new --out, or delete {stage.folder} "
                          f"and the stages after it")
     missing = [str(p) for p in stage.outputs if not p.exists()]
@@ -353,7 +372,7 @@ def main(cfg: RunConfig) -> RunResult:
     for i, stage in enumerate(stages):
         later = [s.name for s in stages[i + 1:] if done[s.name]]
         if not done[stage.name] and later:
-            raise ValueError(f"defectsynth run: stage {stage.name!r} must run again, but the later stage(s) "
+            raise UserError(f"defectsynth run: stage {stage.name!r} must run again, but the later stage(s) "
                              f"{later} finished from its old outputs; delete their folders and markers "
                              f"({', '.join(str(s.folder) for s in stages[i + 1:])}, {out / MARKERS}/<stage>.json) "
                              f"or use a new --out")
@@ -457,3 +476,4 @@ def cli(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(cli())
+@command("run")

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from data.coco import load_coco
 from data.images import list_images, read_image
+from defectsynth.errors import UserError, command
 from defectsynth.runconfig import config_from_args, parser_from_dataclass
 
 CONDITION_KEYS = ("condition_id", "pair_id", "driver_id")
@@ -50,14 +51,14 @@ def load_groups(source: str | os.PathLike) -> dict[str, list[Path]]:
         groups = {sub.name: list_images(sub) for sub in sorted(source.iterdir()) if sub.is_dir()}
         groups = {k: v for k, v in groups.items() if v}
         if not groups:
-            raise ValueError(f"{source}: expected one subfolder of images per condition, found none")
+            raise UserError(f"{source}: expected one subfolder of images per condition, found none")
         return groups
     data = load_coco(source, check_images=False, progress=False)
     groups: dict[str, list[tuple[Any, Path]]] = {}
     for record in data["images"]:
         key = next((k for k in CONDITION_KEYS if k in record), None)
         if key is None:
-            raise ValueError(f"{source}: image id={record['id']} ({record['file_name']}) has no condition key; "
+            raise UserError(f"{source}: image id={record['id']} ({record['file_name']}) has no condition key; "
                              f"diversity needs one of {list(CONDITION_KEYS)} on every image record")
         order = (record.get("sample_index", record["id"]), record["id"])
         groups.setdefault(str(record[key]), []).append((order, Path(record["file_name"])))
@@ -73,7 +74,7 @@ def select_groups(groups: dict[str, list[Path]], conditions: int, per_condition:
     """m seeded conditions with >= k samples, each with its first k samples."""
     eligible = sorted((c for c, paths in groups.items() if len(paths) >= per_condition), key=_condition_sort_key)
     if len(eligible) < conditions:
-        raise ValueError(f"{source}: needs {conditions} conditions with >= {per_condition} samples each, "
+        raise UserError(f"{source}: needs {conditions} conditions with >= {per_condition} samples each, "
                          f"found {len(eligible)} (of {len(groups)} conditions)")
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(len(eligible), conditions, replace=False).tolist())
@@ -170,7 +171,7 @@ def run_diversity(samples: str, conditions: int = 10, per_condition: int = 10, s
 
 def main(cfg: DiversityConfig) -> dict[str, Any]:
     if not cfg.samples:
-        raise ValueError("eval.diversity: --samples is required")
+        raise UserError("eval.diversity: --samples is required")
     result, paths = run_diversity(cfg.samples, cfg.conditions, cfg.per_condition, cfg.size, cfg.bins, cfg.seed)
     report: dict[str, Any] = {"diversity": vars(result) | {"definition": result.definition()}}
     print(f"L2 {result.mean_l2:.2f} +- {result.std_l2:.2f}  MI {result.mean_mi:.3f} +- {result.std_mi:.3f}  "
@@ -196,6 +197,7 @@ def get_args_parser():
     return parser_from_dataclass(DiversityConfig, prog="python -m eval.diversity")
 
 
+@command("diversity")
 def cli(argv: list[str] | None = None) -> int:
     from eval.inception import InceptionWeightsNotFound
 

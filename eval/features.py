@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from defectsynth.errors import UserError
 from data.coco import load_coco
 from data.images import list_images, read_image
 
@@ -42,9 +43,9 @@ def image_set_paths(source: str | os.PathLike) -> list[Path]:
     elif source.is_file() and source.suffix.lower() == ".json":
         paths = [Path(img["file_name"]) for img in load_coco(source, check_images=False, progress=False)["images"]]
     else:
-        raise FileNotFoundError(f"{source}: expected a folder of images or a COCO .json file")
+        raise UserError(f"{source}: expected a folder of images or a COCO .json file")
     if not paths:
-        raise ValueError(f"{source}: holds no images")
+        raise UserError(f"{source}: holds no images")
     return paths
 
 

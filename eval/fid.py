@@ -30,6 +30,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 import numpy as np
 
+from defectsynth.errors import command
 from defectsynth.runconfig import config_from_args, parser_from_dataclass
 
 
@@ -211,6 +212,7 @@ def main(cfg: FidConfig) -> DistanceResult:
     return result
 
 
+@command("fid")
 def cli(argv: list[str] | None = None) -> int:
     from eval.inception import InceptionWeightsNotFound
 

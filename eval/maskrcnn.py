@@ -38,6 +38,7 @@ from data.coco import load_coco, save_coco, split_coco, subset_coco
 from data.files import atomic_path, write_bytes_atomic, write_json_atomic
 from data.masks import mask_to_rle
 from data.seeding import derive_seed
+from defectsynth.errors import UserError, command
 from defectsynth.runconfig import config_from_args, config_to_dict, parser_from_dataclass
 from eval.coco_eval import evaluate_coco
 from eval.detection_data import InstanceDataset, LabelMap, load_batch
@@ -124,7 +125,7 @@ def load_init_weights(model: torch.nn.Module, path: str | Path) -> None:
     loaded strictly into the backbone body, `fc.` dropped)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--init-weights {path}: file not found")
+        raise UserError(f"--init-weights {path}: file not found")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
@@ -135,16 +136,16 @@ def load_init_weights(model: torch.nn.Module, path: str | Path) -> None:
         missing, unexpected = model.load_state_dict(state, strict=False)
         bad_missing = [k for k in missing if not k.startswith(CLASS_SPECIFIC)]
         if bad_missing or unexpected:
-            raise ValueError(f"{path}: not a torchvision Mask R-CNN ResNet-50-FPN state dict: "
+            raise UserError(f"{path}: not a torchvision Mask R-CNN ResNet-50-FPN state dict: "
                              f"missing {bad_missing[:8]}, unexpected {unexpected[:8]}")
     elif "conv1.weight" in state:
         body = {k: v for k, v in state.items() if not k.startswith("fc.")}
         try:
             model.backbone.body.load_state_dict(body, strict=True)
         except RuntimeError as err:
-            raise ValueError(f"{path}: not a torchvision ResNet-50 state dict: {err}") from err
+            raise UserError(f"{path}: not a torchvision ResNet-50 state dict: {err}") from err
     else:
-        raise ValueError(f"{path}: neither a Mask R-CNN (keys 'backbone.*') nor a ResNet-50 "
+        raise UserError(f"{path}: neither a Mask R-CNN (keys 'backbone.*') nor a ResNet-50 "
                          f"('conv1.weight') state dict; first keys {list(state)[:5]}")
 
 
@@ -202,7 +203,7 @@ def train_phase(phase_dir: Path, dataset: InstanceDataset, num_classes: int, cfg
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         changed = [k for k in signature if state["signature"].get(k) != signature[k]]
         if changed:
-            raise ValueError(f"{checkpoint}: written with different settings ({', '.join(changed)}); "
+            raise UserError(f"{checkpoint}: written with different settings ({', '.join(changed)}); "
                              f"delete {phase_dir} or restore the settings to resume")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -331,20 +332,20 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def prepare_splits(cfg: MaskRCNNConfig, out: Path) -> tuple[dict, dict, dict | None]:
     """(real train, real test, synthetic or None) as COCO dicts; the split is saved in OUT/splits/."""
     if not cfg.real:
-        raise ValueError("eval.maskrcnn: --real (the real annotated COCO json) is required")
+        raise UserError("eval.maskrcnn: --real (the real annotated COCO json) is required")
     real = load_coco(cfg.real, check_images=False, progress=False)
     if cfg.test:
         train, test = real, load_coco(cfg.test, check_images=False, progress=False)
     else:
         if not 0 < cfg.test_fraction < 1:
-            raise ValueError(f"--test-fraction must be in (0, 1), got {cfg.test_fraction}")
+            raise UserError(f"--test-fraction must be in (0, 1), got {cfg.test_fraction}")
         parts = split_coco(real, [1 - cfg.test_fraction, cfg.test_fraction], seed=cfg.split_seed,
                            names=["train", "test"])
         train, test = parts["train"], parts["test"]
         save_coco(train, out / "splits" / "real_train.json", validate=False)
         save_coco(test, out / "splits" / "real_test.json", validate=False)
     if not test["images"] or not train["images"]:
-        raise ValueError(f"{cfg.real}: the real train/test split left an empty part "
+        raise UserError(f"{cfg.real}: the real train/test split left an empty part "
                          f"({len(train['images'])} train, {len(test['images'])} test images)")
     synthetic = load_coco(cfg.synthetic, check_images=False, progress=False) if cfg.synthetic else None
     return train, test, synthetic
@@ -356,7 +357,7 @@ def run_benchmark(cfg: MaskRCNNConfig) -> dict[str, Any]:
     or {"not_run": reason}}, "classes", "config", "n_test_images", "matching_rule"}."""
     unknown = sorted(set(cfg.experiments) - set(EXPERIMENTS))
     if unknown:
-        raise ValueError(f"--experiments: unknown {unknown}; choose from {list(EXPERIMENTS)}")
+        raise UserError(f"--experiments: unknown {unknown}; choose from {list(EXPERIMENTS)}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     train, test, synthetic = prepare_splits(cfg, out)
@@ -422,6 +423,7 @@ def main(cfg: MaskRCNNConfig) -> dict[str, Any]:
     return summary
 
 
+@command("maskrcnn")
 def cli(argv: list[str] | None = None) -> int:
     main(config_from_args(MaskRCNNConfig, get_args_parser().parse_args(argv)))
     return 0

@@ -20,6 +20,7 @@ import tempfile
 
 import torch
 
+from defectsynth.errors import command
 from defectsynth.benchmark import (DTYPES, Benchmarks, SpeedConfig, benchmark_parser, config_from_argv, median_ms,
                                    run_benchmark)
 
@@ -283,6 +284,7 @@ def main(cfg: SpeedConfig) -> dict:
     return run_benchmark(cfg, BENCHMARKS, "eval.speed")
 
 
+@command("eval.speed")
 def cli(argv: list[str] | None = None) -> int:
     main(config_from_argv(get_args_parser(), argv))
     return 0

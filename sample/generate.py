@@ -15,7 +15,7 @@ Sample i is drawn from the seed derive_seed(--seed, "sample", i) with its own ge
 randomness is the same whatever `--batch` is. The networks' kernels still depend on the batch size
 in the last float bits (a rare pixel may move by one level); `--batch-invariant` runs the networks
 one sample at a time so every image is bit-identical for any `--batch`. The model runs on `--device` in `--dtype`
-(auto: bf16 on CUDA, fp32 on CPU); the sampler maths stays float32.
+(auto: bf16 on CUDA and on CPUs with native bf16, else fp32); the sampler maths stays float32.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from data.files import write_image_atomic, write_json_atomic
 from data.images import read_image
 from data.seeding import derive_seed
+from defectsynth.errors import UserError, command
 from defectsynth.runconfig import config_from_args, config_to_dict, parser_from_dataclass
 from model.stable_diffusion import PRESETS
 from sample.pipeline import SAMPLERS, generate, random_pipeline
@@ -73,7 +74,7 @@ class GenerateConfig:
     guess_mode: bool = field(default=False, metadata={"help": "ControlNet guess mode (residual ramp, "
                                                               "no control on the unconditional half)"})
     # ---- run
-    dtype: str = field(default="auto", metadata={"help": "model dtype (auto: bf16 on CUDA, fp32 on CPU)",
+    dtype: str = field(default="auto", metadata={"help": "model dtype (auto: bf16 on CUDA and on CPUs with native bf16 (AMX / AVX-512 BF16), else fp32)",
                                                  "choices": ["auto", *DTYPES]})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
     out: str = field(default="", metadata={"help": "output folder (required)"})
@@ -109,16 +110,16 @@ def image_size(cfg: GenerateConfig, native: int) -> tuple[int, int]:
 
 def main(cfg: GenerateConfig) -> GenerateResult:
     if not cfg.out:
-        raise ValueError("sample.generate: --out is required")
+        raise UserError("sample.generate: --out is required")
     if not cfg.random_weights and not cfg.ckpt:
-        raise ValueError("sample.generate: give --ckpt (or --random-weights with --preset)")
+        raise UserError("sample.generate: give --ckpt (or --random-weights with --preset)")
     if bool(cfg.control) != bool(cfg.hint):
-        raise ValueError("sample.generate: --control and --hint go together")
+        raise UserError("sample.generate: --control and --hint go together")
     for name in ("num", "batch", "steps"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"sample.generate: --{name} must be at least 1, got {getattr(cfg, name)}")
+            raise UserError(f"sample.generate: --{name} must be at least 1, got {getattr(cfg, name)}")
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device, announce="sample.generate")
     prediction_type = None if cfg.prediction_type == "auto" else cfg.prediction_type
 
     if cfg.random_weights:
@@ -169,6 +170,7 @@ def get_args_parser():
 
 
 def cli(argv: list[str] | None = None) -> int:
+@command("generate")
     main(config_from_args(GenerateConfig, get_args_parser().parse_args(argv)))
     return 0
 

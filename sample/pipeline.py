@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from defectsynth.errors import UserError
 from model.stable_diffusion import StableDiffusion, preset
 from sample.ddim import sample_ddim
 from sample.ddpm import sample_ddpm
@@ -145,7 +146,7 @@ def generate(sd: StableDiffusion, prompts: Sequence[str] | str | None = None, *,
     vae_factor = sd.config.vae.downsample_factor
     multiple = vae_factor * sd.config.unet.downsample_factor
     if height % multiple or width % multiple:
-        raise ValueError(f"generate: height {height} and width {width} must be multiples of {multiple} "
+        raise UserError(f"generate: height {height} and width {width} must be multiples of {multiple} "
                          f"(the {vae_factor}x VAE times the UNet's {sd.config.unet.downsample_factor}x)")
     device = next(unet.parameters()).device
     weights_dtype = _dtype_of(unet)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from data.coco import Coco, new_coco
+from defectsynth.errors import UserError
 
 RECORDS_DIR = "records"
 
@@ -62,7 +63,7 @@ def read_records(out: Path) -> dict[int, dict[str, Any]]:
             except json.JSONDecodeError as err:
                 if number == len(lines):  # the unterminated last line of a crashed append
                     continue
-                raise ValueError(f"{path}:{number}: not a JSON record ({err})") from err
+                raise UserError(f"{path}:{number}: not a JSON record ({err})") from err
             records.setdefault(int(record["image_id"]), record)
     return records
 
@@ -95,7 +96,7 @@ def model_sha256(path: Path, cache: dict[str, dict[str, Any]]) -> str:
     files = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
                                                                           p.relative_to(path).parts))
     if not files:
-        raise FileNotFoundError(f"{path}: no files to hash")
+        raise UserError(f"{path}: no files to hash")
     lines = "".join(f"{p.relative_to(path).as_posix()} {file_sha256(p, cache)}\n" for p in files)
     return hashlib.sha256(lines.encode("utf-8")).hexdigest()
 

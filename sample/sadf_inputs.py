@@ -27,6 +27,7 @@ from data.importers import DatasetImportError, import_image_folder
 from data.pairing import SadfPairs
 from data.palette import PALETTE
 from data.prompts import PromptConfig
+from defectsynth.errors import UserError
 from defectsynth.runconfig import config_from_dict
 from model.controlnet import ControlNet
 from model.stable_diffusion import StableDiffusion
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     from sample.synthesize import SynthesizeConfig
 
 
-class SynthesisError(ValueError):
+class SynthesisError(UserError):
     """A bad input or setting, found before any sampling; the message names the flag and file."""
 
 

@@ -67,6 +67,7 @@ from data.files import write_image_atomic, write_json_atomic
 from data.hints import HINT_KINDS
 from data.images import read_image
 from data.pairing import DRAW_MODES, PairingConfig, SadfPairs
+from defectsynth.errors import command
 from defectsynth.runconfig import config_from_args, config_from_dict, config_to_dict, parser_from_dataclass
 from model.stable_diffusion import PRESETS, StableDiffusion
 from sample.pipeline import SAMPLERS
@@ -124,7 +125,7 @@ class SynthesizeConfig:
         "help": "an output whose pixel std (grey levels, 0..255) is below this is blank"})
     # ---- run (these do not change the dataset)
     batch: int = field(default=8, metadata={"help": "images per generate() call"})
-    dtype: str = field(default="auto", metadata={"help": "model dtype (auto: bf16 on CUDA, fp32 on CPU)",
+    dtype: str = field(default="auto", metadata={"help": "model dtype (auto: bf16 on CUDA and on CPUs with native bf16 (AMX / AVX-512 BF16), else fp32)",
                                                  "choices": ["auto", *DTYPES]})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 (torchrun: cuda:LOCAL_RANK)"})
     save_drivers: bool = field(default=False, metadata={"help": "also write each pair's hint to OUT/drivers/"})
@@ -394,7 +395,7 @@ def main(cfg: SynthesizeConfig) -> SynthesizeResult | np.ndarray:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
-        run = prepare(cfg, device, resolve_dtype(cfg.dtype, device))
+        run = prepare(cfg, device, resolve_dtype(cfg.dtype, device, announce="sample.synthesize" if rank == 0 else ""))
         shard, num_shards = cfg.shard * world + rank, cfg.num_shards * world
         # Rank 0 hashes the model files (cached) and writes or checks synthesize.json; the others read it.
         if rank == 0:
@@ -526,6 +527,7 @@ def get_args_parser():
 def cli(argv: list[str] | None = None) -> int:
     main(config_from_args(SynthesizeConfig, get_args_parser().parse_args(argv)))
     return 0
+@command("synthesize")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,14 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _auto_precision_is_fp32(monkeypatch):
+    """`--precision auto` / `--dtype auto` pick bf16 on CPUs with native bf16 (sample.runtime): pin
+    them to fp32 so every test computes the same numbers on every CPU. Tests of bf16 ask for it
+    explicitly (or inject the CPU's answer, tests/test_precision_cpu.py)."""
+    monkeypatch.setenv("DEFECTSYNTH_CPU_BF16", "0")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny networks gain nothing from intra-op threads, and on a shared 2-core machine spinning

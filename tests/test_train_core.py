@@ -233,7 +233,7 @@ def test_interrupted_save_is_never_resumed(tmp_path, monkeypatch):
     with open(truncated / "state.pt", "r+b") as f:
         f.truncate(10)
     assert ckpt.resolve_resume(tmp_path, "latest").name == "step_00000002"
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
         ckpt.resolve_resume(tmp_path, str(truncated))
     _save(tmp_path, 10)  # the next save removes the stale temporary folder
     assert not (tmp_path / ".step_00000004.tmp").exists()

@@ -29,10 +29,10 @@ def test_inspect_exit_codes(tmp_path, capsys):
     sdxl = {"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(4)}
     save_file(sdxl, str(tmp_path / "sdxl.safetensors"))
     assert inspect_cli([str(tmp_path / "sdxl.safetensors")]) == 2
-    assert "SDXL" in capsys.readouterr().out
+    assert "SDXL" in capsys.readouterr().err
     (tmp_path / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     assert inspect_cli([str(tmp_path / "garbage.safetensors")]) == 2
-    assert "not a readable safetensors file" in capsys.readouterr().out
+    assert "not a readable safetensors file" in capsys.readouterr().err
     # Would not load (a missing key): 1, naming it.
     tensors = {k: v.contiguous() for k, v in save_and_read(tmp_path).items()
                if k != layouts.LDM_UNET + "out.2.bias"}

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from defectsynth.errors import UserError
 from defectsynth.runconfig import config_to_dict, save_config_json
 
 MARKER = "COMPLETE"
@@ -159,7 +160,7 @@ def resolve_resume(root: str | os.PathLike, resume: str) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not is_complete(path):
-        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder "
+        raise UserError(f"--resume {resume}: not a complete checkpoint folder "
                                 f"(expected {WEIGHTS_FILE}, {STATE_FILE}, {CONFIG_FILE} and the {MARKER} marker)")
     return path
 
@@ -191,7 +192,7 @@ def check_resume_config(saved: dict[str, Any], cfg: Any, path: str | os.PathLike
     changed = sorted(k for k in current if k not in may_change and saved.get(k) != current[k])
     if changed:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
-        raise ValueError(f"--resume {path}: the checkpoint was trained with a different config ({detail}); "
+        raise UserError(f"--resume {path}: the checkpoint was trained with a different config ({detail}); "
                          f"start a new --out folder or use the checkpoint's settings")
 
 

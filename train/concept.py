@@ -35,6 +35,7 @@ from data.datasets import ConceptDataset
 from data.files import write_image_atomic
 from data.images import tensor_to_image
 from data.seeding import derive_seed
+from defectsynth.errors import UserError, command
 from defectsynth.runconfig import config_from_args, parser_from_dataclass, save_config_json
 from model.stable_diffusion import StableDiffusion, preset
 from sample.pipeline import SAMPLERS, generate
@@ -120,19 +121,19 @@ class ConceptResult:
 def resolve_config(cfg: ConceptConfig, model: StableDiffusion, device: torch.device) -> ConceptConfig:
     """Fill the "auto" / none fields with what this run actually uses (saved with checkpoints)."""
     if not cfg.out:
-        raise ValueError("train.concept: --out is required")
+        raise UserError("train.concept: --out is required")
     if not cfg.data:
-        raise ValueError("train.concept: --data is required (a COCO folder or JSON file)")
+        raise UserError("train.concept: --data is required (a COCO folder or JSON file)")
     if cfg.export_ema and not cfg.ema:
-        raise ValueError("train.concept: --export-ema needs --ema")
+        raise UserError("train.concept: --export-ema needs --ema")
     for name in ("batch_size", "grad_accum", "log_every", "class_batch_size", "class_steps"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"train.concept: --{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+            raise UserError(f"train.concept: --{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.with_prior and cfg.num_class_images < 1:
-        raise ValueError("train.concept: prior preservation needs --num-class-images >= 1 (or --no-with-prior)")
+        raise UserError("train.concept: prior preservation needs --num-class-images >= 1 (or --no-with-prior)")
     if "{}" not in cfg.prompt_template:
-        raise ValueError(f"train.concept: --prompt-template {cfg.prompt_template!r} needs a {{}} placeholder")
-    precision = resolve_precision(cfg.precision, device)
+        raise UserError(f"train.concept: --prompt-template {cfg.prompt_template!r} needs a {{}} placeholder")
+    precision = resolve_precision(cfg.precision, device, announce="train.concept")
     lr = cfg.lr if cfg.lr is not None else (2e-6 if cfg.train_text_encoder else 5e-6)
     return replace(
         cfg, precision=precision, lr=lr,
@@ -150,7 +151,7 @@ def load_base_model(cfg: ConceptConfig) -> StableDiffusion:
             torch.manual_seed(cfg.seed)
             return StableDiffusion(preset(cfg.preset, **overrides))
     if not cfg.ckpt:
-        raise ValueError("train.concept: give --ckpt BASE_MODEL, or --random-weights with --preset")
+        raise UserError("train.concept: give --ckpt BASE_MODEL, or --random-weights with --preset")
     return load_pipeline(cfg.ckpt, device="cpu", dtype=torch.float32,
                          prediction_type=overrides.get("prediction_type"))
 
@@ -159,7 +160,7 @@ def check_identifier(model: StableDiffusion, identifier: str) -> None:
     """DreamBooth binds the concept to ONE rare token; a multi-token identifier spreads it."""
     ids = model.tokenizer.encode(identifier)
     if len(ids) != 1:
-        raise ValueError(f"train.concept: --identifier {identifier!r} is {len(ids)} tokens {ids}; "
+        raise UserError(f"train.concept: --identifier {identifier!r} is {len(ids)} tokens {ids}; "
                          f"use a rare single-token word such as 'sks'")
 
 
@@ -450,6 +451,7 @@ def get_args_parser():
     return parser_from_dataclass(ConceptConfig, prog="python -m train.concept")
 
 
+@command("concept")
 def cli(argv: list[str] | None = None) -> int:
     result = main(config_from_args(ConceptConfig, get_args_parser().parse_args(argv)))
     return 1 if result.stopped else 0  # a stop (SIGINT/SIGTERM) is not a finished run

@@ -69,6 +69,7 @@ from data.hints import CONDITION_METADATA_KEY, DIFFUSERS_CONDITION_FILE, HINT_KI
 from data.images import tensor_to_image
 from data.prompts import PromptConfig
 from data.seeding import derive_seed
+from defectsynth.errors import UserError, command
 from defectsynth.runconfig import config_from_args, parser_from_dataclass, save_config_json
 from model.controlnet import ControlNet
 from model.stable_diffusion import StableDiffusion
@@ -191,23 +192,23 @@ class ValidationSet:
 def resolve_config(cfg: ConditionConfig, model: StableDiffusion, device: torch.device) -> ConditionConfig:
     """Check the flags and fill the "auto" / none fields with what this run uses (saved with checkpoints)."""
     if not cfg.out:
-        raise ValueError("train.condition: --out is required")
+        raise UserError("train.condition: --out is required")
     if not cfg.data:
-        raise ValueError("train.condition: --data is required (a COCO folder or JSON file)")
+        raise UserError("train.condition: --data is required (a COCO folder or JSON file)")
     if cfg.condition not in HINT_KINDS:
-        raise ValueError(f"train.condition: --condition must be one of {HINT_KINDS}, got {cfg.condition!r}")
+        raise UserError(f"train.condition: --condition must be one of {HINT_KINDS}, got {cfg.condition!r}")
     if cfg.export_ema and not cfg.ema:
-        raise ValueError("train.condition: --export-ema needs --ema")
+        raise UserError("train.condition: --export-ema needs --ema")
     if not 0.0 <= cfg.drop_prompt_rate <= 1.0:
-        raise ValueError(f"train.condition: --drop-prompt-rate must be in [0, 1], got {cfg.drop_prompt_rate}")
-    for name in ("batch_size", "grad_accum", "log_every", "validation_steps"):
+        raise UserError(f"train.condition: --drop-prompt-rate must be in [0, 1], got {cfg.drop_prompt_rate}")
+    for name in ("batch_size", "grad_accum", "log_every", "validation_sampler_steps"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"train.condition: --{name.replace('_', '-')} must be at least 1, "
+            raise UserError(f"train.condition: --{name.replace('_', '-')} must be at least 1, "
                              f"got {getattr(cfg, name)}")
     cfg.driver_config  # noqa: B018 - DriverConfig checks its own fields
     augmented = cfg.hflip or cfg.random_crop
     return replace(
-        cfg, precision=resolve_precision(cfg.precision, device),
+        cfg, precision=resolve_precision(cfg.precision, device, announce="train.condition"),
         decoder_lr=cfg.decoder_lr if cfg.decoder_lr is not None else cfg.lr,
         resolution=cfg.resolution or model.config.image_size, prediction_type=model.prediction_type,
         device=device.type, cache_latents=cfg.cache_latents and not augmented)
@@ -230,7 +231,7 @@ def load_base_model(cfg: ConditionConfig) -> StableDiffusion:
         overrides = {} if prediction_type is None else {"prediction_type": prediction_type}
         return random_pipeline(cfg.preset, cfg.seed, **overrides)  # global RNG untouched, same on every rank
     if not cfg.ckpt:
-        raise ValueError("train.condition: give --ckpt TUNED_MODEL, or --random-weights with --preset")
+        raise UserError("train.condition: give --ckpt TUNED_MODEL, or --random-weights with --preset")
     return load_pipeline(cfg.ckpt, device="cpu", dtype=torch.float32, prediction_type=prediction_type)
 
 
@@ -510,7 +511,7 @@ def main(cfg: ConditionConfig) -> ConditionResult:
                 saved = strip_prefix(weights, "unet.")
                 decoder = decoder_parameters(unet)
                 if set(saved) != set(decoder):
-                    raise ValueError(f"--resume {resume_from}: the checkpoint's UNet decoder tensors do not match")
+                    raise UserError(f"--resume {resume_from}: the checkpoint's UNet decoder tensors do not match")
                 with torch.no_grad():
                     for name, p in decoder.items():
                         p.copy_(saved[name])
@@ -635,6 +636,7 @@ def get_args_parser():
 def cli(argv: list[str] | None = None) -> int:
     result = main(config_from_args(ConditionConfig, get_args_parser().parse_args(argv)))
     return 1 if result.stopped else 0  # a stop (SIGINT/SIGTERM) is not a finished run
+@command("condition")
 
 
 if __name__ == "__main__":

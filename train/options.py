@@ -45,7 +45,7 @@ class FineTuneOptions:
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: none)"})
     precision: str = field(default="auto", metadata={
-        "help": "auto: bf16 on CUDA, fp32 on CPU; trainable weights stay float32",
+        "help": "auto: bf16 on CUDA and on CPUs with native bf16 (AMX / AVX-512 BF16), else fp32; trainable weights stay float32",
         "choices": ["auto", *PRECISIONS]})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     ema: bool = field(default=False, metadata={"help": "keep an EMA of the trained weights"})

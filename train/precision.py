@@ -12,6 +12,8 @@ import copy
 import torch
 from torch import nn
 
+from sample.runtime import auto_low_precision
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -22,11 +24,18 @@ def precision_dtype(precision: str) -> torch.dtype:
     return DTYPES[precision]
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" -> "bf16" on a CUDA device that supports it, else "fp32"; other names are checked
-    and returned as they are."""
+def resolve_precision(precision: str, device: torch.device, cpu_bf16: bool | None = None,
+                      announce: str = "") -> str:
+    """"auto" -> "bf16" on a CUDA device that supports it or a CPU that computes bf16 natively (AMX /
+    AVX-512 BF16), else "fp32"; other names are checked and returned as they are. `cpu_bf16`
+    injects the CPU's answer (None: detect it, see sample.runtime.cpu_bf16_supported); `announce`
+    (the script's name) prints what "auto" chose and why."""
     if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        low, why = auto_low_precision(device, cpu_bf16)
+        chosen = "bf16" if low else "fp32"
+        if announce:
+            print(f"{announce}: precision auto -> {chosen} ({why})")
+        return chosen
     precision_dtype(precision)
     return precision
 

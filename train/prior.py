@@ -65,6 +65,7 @@ from data.files import write_json_atomic
 from data.images import list_images, read_image
 from data.resize import check_resolution, resize_and_crop
 from data.seeding import derive_seed
+from defectsynth.errors import UserError, command
 from defectsynth.runconfig import config_from_args, parser_from_dataclass, save_config_json
 from model.stable_diffusion import PRESETS, StableDiffusion, preset
 from sample.pipeline import generate
@@ -125,7 +126,7 @@ class PriorConfig:
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: none)"})
     precision: str = field(default="auto", metadata={
-        "help": "auto: bf16 on CUDA, fp32 on CPU; trainable weights stay float32", "choices": ["auto", *PRECISIONS]})
+        "help": "auto: bf16 on CUDA and on CPUs with native bf16 (AMX / AVX-512 BF16), else fp32; trainable weights stay float32", "choices": ["auto", *PRECISIONS]})
     # ---- run
     seed: int = field(default=0, metadata={"help": "weights init (text encoder included), data order, noise"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
@@ -157,25 +158,26 @@ class PriorResult:
 def resolve_config(cfg: PriorConfig, device: torch.device) -> PriorConfig:
     """Check the flags; fill resolution, precision and device with what this run uses."""
     if not cfg.out:
-        raise ValueError("train.prior: --out is required")
+        raise UserError("train.prior: --out is required")
     if not cfg.data:
-        raise ValueError("train.prior: --data is required (a COCO JSON file or a folder of images)")
+        raise UserError("train.prior: --data is required (a COCO JSON file or a folder of images)")
     resolution = cfg.resolution or PRESETS[cfg.preset].image_size
     check_resolution(resolution)
     for name in ("vae_steps", "unet_steps", "vae_batch_size", "unet_batch_size", "log_every"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"train.prior: --{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+            raise UserError(f"train.prior: --{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.vae_crop and (cfg.vae_crop % 8 or cfg.vae_crop > resolution):
-        raise ValueError(f"train.prior: --vae-crop {cfg.vae_crop} must be a multiple of 8 and at most the "
+        raise UserError(f"train.prior: --vae-crop {cfg.vae_crop} must be a multiple of 8 and at most the "
                          f"resolution {resolution} (0: whole images)")
     if not 0.0 <= cfg.caption_dropout <= 1.0:
-        raise ValueError(f"train.prior: --caption-dropout must be in [0, 1], got {cfg.caption_dropout}")
+        raise UserError(f"train.prior: --caption-dropout must be in [0, 1], got {cfg.caption_dropout}")
     if cfg.resume not in ("", "latest"):
-        raise ValueError(f"train.prior: --resume must be '' or 'latest' (each phase resumes from its own "
+        raise UserError(f"train.prior: --resume must be '' or 'latest' (each phase resumes from its own "
                          f"newest checkpoint), got {cfg.resume!r}")
     if not 0.0 <= cfg.ema_decay < 1.0:
-        raise ValueError(f"train.prior: --ema-decay must be in [0, 1), got {cfg.ema_decay}")
-    return replace(cfg, resolution=resolution, precision=resolve_precision(cfg.precision, device), device=device.type)
+        raise UserError(f"train.prior: --ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    return replace(cfg, resolution=resolution, precision=resolve_precision(cfg.precision, device, announce="train.prior"),
+                   device=device.type)
 
 
 def image_paths(source: str) -> list[str]:
@@ -186,9 +188,9 @@ def image_paths(source: str) -> list[str]:
     elif path.is_file():
         paths = [img["file_name"] for img in load_coco(path, progress=False)["images"]]
     else:
-        raise FileNotFoundError(f"train.prior: {source}: expected a COCO JSON file or a folder of images")
+        raise UserError(f"train.prior: {source}: expected a COCO JSON file or a folder of images")
     if not paths:
-        raise ValueError(f"train.prior: {source} holds no images")
+        raise UserError(f"train.prior: {source} holds no images")
     return paths
 
 
@@ -557,6 +559,7 @@ def get_args_parser():
     return parser_from_dataclass(PriorConfig, prog="python -m train.prior")
 
 
+@command("prior")
 def cli(argv: list[str] | None = None) -> int:
     result = main(config_from_args(PriorConfig, get_args_parser().parse_args(argv)))
     return 0 if not result.stopped else 1

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from defectsynth.errors import command
 from defectsynth.benchmark import (Benchmarks, SpeedConfig, benchmark_parser, config_from_argv, median_ms,
                                    memory_baseline, peak_memory_since, run_benchmark, run_in_fresh_processes,
                                    saved_activation_bytes, warm_process)
@@ -228,6 +229,7 @@ def main(cfg: SpeedConfig) -> dict:
     return run_benchmark(cfg, BENCHMARKS, "train.speed")
 
 
+@command("train.speed")
 def cli(argv: list[str] | None = None) -> int:
     main(config_from_argv(get_args_parser(), argv))
     return 0

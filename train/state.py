@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from defectsynth.errors import UserError
 from defectsynth.runconfig import config_to_dict
 from train.checkpoint import (capture_rng_state, check_resume_config, load_checkpoint, restore_rng_state,
                               save_checkpoint)
@@ -53,7 +54,7 @@ def restore_training_state(folder: str | os.PathLike, cfg: Any, info: DistInfo, 
     weights, state = load_checkpoint(folder, info.device)
     check_resume_config(state["config"], cfg, folder, may_change)
     if state["world_size"] != info.world_size:
-        raise ValueError(f"--resume {folder}: saved with {state['world_size']} processes, "
+        raise UserError(f"--resume {folder}: saved with {state['world_size']} processes, "
                          f"resumed with {info.world_size}; the data order would change")
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])

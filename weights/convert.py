@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from defectsynth.errors import UserError, command
 from defectsynth.runconfig import config_from_args, parser_from_dataclass
 from weights.files import CheckpointError
 from weights.load import load_pipeline
@@ -40,22 +41,17 @@ def get_args_parser():
 
 def main(cfg: ConvertConfig) -> int:
     if not cfg.src or not cfg.dst:
-        print("weights.convert: give SRC and DST", file=sys.stderr)
-        return 2
+        raise UserError("give SRC and DST")
     dst = Path(cfg.dst)
     if dst.exists() and not cfg.overwrite:
-        print(f"weights.convert: {dst} exists (pass --overwrite to replace it)", file=sys.stderr)
-        return 2
+        raise UserError(f"{dst} exists (pass --overwrite to replace it)")
     if cfg.to == "ldm" and dst.suffix != ".safetensors":
-        print(f"weights.convert: an LDM destination must end with .safetensors, got {dst}", file=sys.stderr)
-        return 2
+        raise UserError(f"an LDM destination must end with .safetensors, got {dst}")
     dtype = DTYPES[cfg.dtype]
-    try:
-        model, info = load_pipeline(cfg.src, dtype=dtype, prediction_type=cfg.prediction_type, ema=cfg.ema,
-                                    return_info=True)
-    except (CheckpointError, ValueError) as err:
-        print(f"cannot convert {cfg.src}:\n{err}", file=sys.stderr)
-        return 2
+    # A source that is unreadable, not strict or holds a NaN/inf weight raises CheckpointError
+    # (a UserError): nothing is written.
+    model, info = load_pipeline(cfg.src, dtype=dtype, prediction_type=cfg.prediction_type, ema=cfg.ema,
+                                return_info=True)
     print(f"loaded {cfg.src}: {info.family}, {sum(p.numel() for p in model.parameters()):,} parameters"
           f"{', EMA UNet' if cfg.ema else ''}")
     print(f"prediction type: {info.prediction_type} ({info.prediction_reason})")
@@ -66,13 +62,13 @@ def main(cfg: ConvertConfig) -> int:
     print(f"wrote {dst} ({cfg.to}, {cfg.dtype})")
     return 0
 
+@command("convert")
 
 def cli(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.positional:
         if len(args.positional) != 2 or args.src or args.dst:
-            print("weights.convert: give exactly SRC DST (positionally or with --src/--dst)", file=sys.stderr)
-            return 2
+            raise UserError("give exactly SRC DST (positionally or with --src/--dst)")
         args.src, args.dst = args.positional
     return main(config_from_args(ConvertConfig, args))
 

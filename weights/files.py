@@ -22,6 +22,8 @@ from typing import Iterable, Mapping
 
 import torch
 
+from defectsynth.errors import UserError
+
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin")
 
@@ -38,7 +40,7 @@ _MANIFEST_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat1
 LIGHTNING_MODEL_CHECKPOINT = "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file or folder that cannot be read or loaded; the message names the file."""
 
 

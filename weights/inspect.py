@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
+from defectsynth.errors import UserError, command
 from defectsynth.runconfig import config_from_args, parser_from_dataclass
 from weights.controlnet import controlnet_summary
 from weights.files import CheckpointError
@@ -43,25 +44,21 @@ def get_args_parser():
 def main(cfg: InspectConfig) -> int:
     target = cfg.manifest or cfg.path
     if not target:
-        print("weights.inspect: give a checkpoint PATH or --manifest FILE.json", file=sys.stderr)
-        return 2
-    try:
-        info: LoadInfo = inspect_checkpoint(target, ema=cfg.ema, prediction_type=cfg.prediction_type)
-    except (CheckpointError, ValueError) as err:
-        print(f"cannot use {target}:\n{err}")
-        return 2
+        raise UserError("give a checkpoint PATH or --manifest FILE.json")
+    # CheckpointError (unreadable, unsupported, non-finite, ...) is a UserError: one line, exit 2.
+    info: LoadInfo = inspect_checkpoint(target, ema=cfg.ema, prediction_type=cfg.prediction_type)
     print(info.summary())
     if "controlnet" in info.components:
         print(controlnet_summary(info))
     return 0 if info.ok else 1
 
+@command("inspect")
 
 def cli(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.positional_path:
         if args.path:
-            print("weights.inspect: give PATH or --path, not both", file=sys.stderr)
-            return 2
+            raise UserError("give PATH or --path, not both")
         args.path = args.positional_path
     return main(config_from_args(InspectConfig, args))
 
