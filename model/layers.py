@@ -1,8 +1,11 @@
 """Layers shared by the UNet, the VAE and (through the UNet) the ControlNet.
 
 This is the file to edit when porting to other hardware: attention is computed in exactly one
-function (`attention`), and group normalisation in exactly one class (`GroupNorm32`). Everything
-else in model/ is plain convolutions, linears, LayerNorm and elementwise maths.
+function (`attention`), group normalisation in exactly one class (`GroupNorm32`), layer
+normalisation in one class (`LayerNorm32`, the text encoder's), and a 1x1 convolution applied to
+tokens in one class (`TokenConv1x1`). Everything else in model/ is plain nn.Conv2d, nn.Linear,
+nn.LayerNorm and elementwise maths, each reached through its module's own forward, so a port may
+swap any module for its own.
 
 Precision policy (DESIGN.md): weights may be bf16/fp16 for inference, but GroupNorm statistics
 and the attention softmax are always accumulated in float32. SD 2.x in particular overflows in
@@ -46,6 +49,37 @@ class GroupNorm32(nn.GroupNorm):
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in float32 and returned in the input dtype.
+
+    In bf16/fp16 the variance of a 768/1024-wide row loses too many bits; CLIP's own fp16 code
+    (open_clip LayerNormFp32, OpenAI CLIP) upcasts here too. Same parameters and keys as nn.LayerNorm.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+class TokenConv1x1(nn.Conv2d):
+    """A 1x1 convolution that is applied to tokens: (B, L, C_in) -> (B, L, C_out).
+
+    The checkpoints hold these projections as 1x1 convs (weight [C_out, C_in, 1, 1]: LDM's SD 1.x
+    proj_in/proj_out, the VAE's q/k/v/proj_out), and a 1x1 conv on a map is a Linear on its
+    tokens. Running it as one GEMM on the token view is what attention wants anyway (no layout
+    conversions, no transposed copies); the parameters and state-dict keys stay those of the
+    nn.Conv2d it subclasses, so checkpoints load unchanged.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        # weight [C_out, C_in, 1, 1] -> [C_out, C_in]: a view, no copy
+        return F.linear(tokens, self.weight.flatten(1), self.bias)  # (B, L, C_in) -> (B, L, C_out)
 
 
 def zero_module(module: nn.Module) -> nn.Module:

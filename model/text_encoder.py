@@ -28,10 +28,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from model.layers import attention
+from model.layers import LayerNorm32, attention
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 
@@ -92,19 +91,6 @@ class TextEncoderConfig:
         """SD 2.x-style toy: gelu, penultimate of 3 blocks, pad 0, with the projection parameters."""
         return cls(width=32, layers=3, heads=4, mlp_dim=37, activation="gelu", output_layer=-2,
                    pad_token_id=0, projection_dim=32)
-
-
-class LayerNorm32(nn.LayerNorm):
-    """LayerNorm computed in float32 and returned in the input dtype.
-
-    In bf16/fp16 the variance of a 768/1024-wide row loses too many bits; CLIP's own fp16 code
-    (open_clip LayerNormFp32, OpenAI CLIP) upcasts here too. Same parameters and keys as nn.LayerNorm.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.float() if self.weight is not None else None
-        bias = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
 
 
 class QuickGELU(nn.Module):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from model.layers import GroupNorm32, Upsample, attention, timestep_embedding, zero_module
+from model.layers import GroupNorm32, TokenConv1x1, Upsample, attention, timestep_embedding, zero_module
 
 # The transformer's GroupNorm uses a fixed eps in LDM (`Normalize`) and diffusers alike,
 # independent of the ResBlock eps.
@@ -225,7 +225,8 @@ class SpatialTransformer(nn.Module):
 
     x (B, C, H, W), context (B, T, D) -> (B, C, H, W). SD 1.x checkpoints hold proj_in/proj_out
     as 1x1 convs ([C, C, 1, 1]), SD 2.x as Linears ([C, C], `use_linear_proj`); the maths is the
-    same and forward runs both as Linears on the tokens. proj_out is zero-initialised as in LDM.
+    same, so both kinds are applied to the tokens (TokenConv1x1 keeps the conv's keys and shape).
+    proj_out is zero-initialised as in LDM.
     """
 
     def __init__(self, channels: int, heads: int, context_dim: int, depth: int,
@@ -235,26 +236,25 @@ class SpatialTransformer(nn.Module):
         if use_linear_proj:
             self.proj_in = nn.Linear(channels, channels)
         else:
-            self.proj_in = nn.Conv2d(channels, channels, 1)
+            self.proj_in = TokenConv1x1(channels, channels)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(channels, heads, context_dim) for _ in range(depth))
         if use_linear_proj:
             self.proj_out = zero_module(nn.Linear(channels, channels))
         else:
-            self.proj_out = zero_module(nn.Conv2d(channels, channels, 1))
+            self.proj_out = zero_module(TokenConv1x1(channels, channels))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         # A transposed view, no copy: proj_in's GEMM reads it as is and writes contiguous tokens.
         h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, C, H, W) -> (B, HW, C)
-        # A 1x1 conv on the map is a Linear on the tokens, so both projection kinds run as Linears
-        # (weight.flatten(1): [C, C, 1, 1] or [C, C] -> [C, C]). On CPU this is a plain GEMM instead
-        # of a 1x1 convolution with its layout conversions, and it saves the copy back to NCHW
-        # that a conv proj_out would need.
-        h = F.linear(h, self.proj_in.weight.flatten(1), self.proj_in.bias)  # (B, HW, C) contiguous
+        # Both projection kinds act on the tokens (a 1x1 conv on the map is a Linear on its tokens):
+        # on CPU a plain GEMM instead of a 1x1 convolution with its layout conversions, and no copy
+        # back to NCHW for proj_out.
+        h = self.proj_in(h)  # (B, HW, C) contiguous
         for block in self.transformer_blocks:
             h = block(h, context)
-        h = F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)  # (B, HW, C)
+        h = self.proj_out(h)  # (B, HW, C)
         return x + h.view(B, H, W, C).permute(0, 3, 1, 2)  # (B, HW, C) -> (B, C, H, W), a strided view
 
 

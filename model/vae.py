@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.layers import GroupNorm32, Upsample, attention
+from model.layers import GroupNorm32, TokenConv1x1, Upsample, attention
 
 
 @dataclass(frozen=True)
@@ -98,22 +98,21 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int, groups: int, eps: float):
         super().__init__()
         self.norm = GroupNorm32(groups, channels, eps=eps)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.q = TokenConv1x1(channels, channels)
+        self.k = TokenConv1x1(channels, channels)
+        self.v = TokenConv1x1(channels, channels)
+        self.proj_out = TokenConv1x1(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        # A 1x1 conv on the map is a Linear on the tokens. Applying q/k/v as Linears on the token
-        # view gives them directly in the (B, 1, HW, C) layout attention wants, without three
-        # transposed copies (the weights keep their LDM conv shape [C, C, 1, 1]).
+        # q/k/v are 1x1 convs applied to the token view (TokenConv1x1): they come out directly in
+        # the (B, 1, HW, C) layout attention wants, without three transposed copies.
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
-        q = F.linear(tokens, self.q.weight.view(C, C), self.q.bias)[:, None]  # (B, HW, C) -> (B, 1, HW, C)
-        k = F.linear(tokens, self.k.weight.view(C, C), self.k.bias)[:, None]  # (B, HW, C) -> (B, 1, HW, C)
-        v = F.linear(tokens, self.v.weight.view(C, C), self.v.bias)[:, None]  # (B, HW, C) -> (B, 1, HW, C)
+        q = self.q(tokens)[:, None]  # (B, HW, C) -> (B, 1, HW, C)
+        k = self.k(tokens)[:, None]  # (B, HW, C) -> (B, 1, HW, C)
+        v = self.v(tokens)[:, None]  # (B, HW, C) -> (B, 1, HW, C)
         h = attention(q, k, v)[:, 0]  # (B, 1, HW, C) -> (B, HW, C)
-        h = F.linear(h, self.proj_out.weight.view(C, C), self.proj_out.bias)  # (B, HW, C)
+        h = self.proj_out(h)  # (B, HW, C)
         h = h.transpose(1, 2).reshape(B, C, H, W)  # (B, HW, C) -> (B, C, H, W), a channels-last view
         # h + x (not x + h) keeps h's channels-last layout for the rest of the network, as the
         # diffusers reference does: the convolutions then sum in the same order and float32 results
