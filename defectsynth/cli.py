@@ -10,7 +10,6 @@ import importlib
 import sys
 
 from defectsynth.errors import command
-from defectsynth.runconfig import invoked_as
 
 # stage name -> (module, one-line summary). Modules are imported only when their stage runs.
 STAGES: dict[str, tuple[str, str]] = {
@@ -51,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(STAGES[stage][0])
     # Each stage's cli is wrapped by defectsynth.errors.command: an expected error (bad flag,
     # file, data, full disk) is one line on stderr and exit 2; a bug keeps its traceback.
-    with invoked_as(f"defectsynth {stage}"):  # --help and errors say `defectsynth <stage>`
-        result = command(stage)(module.cli)(rest)
+    result = command(stage)(module.cli)(rest)
     return int(result or 0)
 
 

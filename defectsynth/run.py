@@ -88,8 +88,7 @@ class RunFlags:
     seed: int = field(default=0, metadata={"help": "run seed, passed to every stage"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu, cuda"})
     threads: int = field(default=0, metadata={
-        "help": "torch CPU threads (0: one per core this process may use; -1: cores minus the 1-minute "
-                "load average, at least 1, for a machine shared with other jobs)"})
+        "help": "torch CPU threads (0: auto = cores minus the current load average, at least 1)"})
     inception_weights: str = field(default="", metadata={
         "help": "pt_inception-2015-12-05-6726825d.pth for FID (else the FD column uses --feature-extractor)"})
     feature_extractor: str = field(default="", metadata={
@@ -185,24 +184,6 @@ def plan(cfg: RunConfig) -> list[Stage]:
         annotated, free = folder["data"] / "annotations.json", folder["data"] / "free.json"
     else:
         demo = None
-    scale = DEMO_EXTRA_STEPS if cfg.demo else {"concept": 1.0, "condition": 1.0}
-    extra = {"concept_small": ("concept", {}),
-             # the extra controls validate once, at the end (their adherence is reported, not plotted)
-             "condition_extra": ("condition", {"validate_every": 0} if cfg.demo else {})}
-    for name, (main, changes) in extra.items():
-        if getattr(cfg, name) is None:
-            base = filled[main]
-            filled[name] = replace(base, steps=max(1, round(base.steps * scale[main])), **changes)
-    unknown = sorted(set(cfg.tables) - set(TABLES))
-    if unknown:
-        raise UserError(f"defectsynth run: --tables {' '.join(unknown)}: unknown; choose from {' '.join(TABLES)}")
-    from defectsynth.splits import check_fractions
-    try:
-        check_fractions(tuple(cfg.split))
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    if not 0 < cfg.small_fraction <= 1:
-        raise UserError(f"defectsynth run: --small-fraction must be in (0, 1], got {cfg.small_fraction}")
         data = Path(cfg.data)
         annotated, free = (data / "annotations.json" if data.is_dir() else data), Path(cfg.free)
     prior_source = None
@@ -337,28 +318,13 @@ def log_event(out: Path, record: dict[str, Any]) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity where the OS reports it, else all)."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def pick_threads(requested: int) -> int:
-    """Torch CPU threads: `requested` (> 0); 0, the default: one per usable core; -1: the idle cores,
-    i.e. cores minus the 1-minute load average (at least 1), for a machine shared with other jobs,
-    where extra threads only wait on each other (measured: a tiny VAE step 10x slower with 2
-    threads than with 1 at load 7 on 2 cores). Not the default: the load a fresh install leaves
-    behind made it pick 1 of 2 idle cores in the README's first command."""
+    """Torch CPU threads: `requested`, or (0) the idle cores: cores minus the 1-minute load average.
+    On a shared machine extra threads only wait on each other (measured: a tiny VAE step 10x slower
+    with 2 threads than with 1 at load 7 on 2 cores)."""
     if requested > 0:
         return requested
-    cores = usable_cores()
-    if requested == 0:
-        return cores
-    if requested != -1:
-        raise ValueError(f"defectsynth run: --threads must be a positive count, 0 (one per core) or -1 "
-                         f"(cores minus the load average), got {requested}")
+    cores = os.cpu_count() or 1
     try:
         load = os.getloadavg()[0]
     except OSError:
@@ -477,6 +443,7 @@ def config_from_argv(argv: list[str] | None) -> tuple[RunConfig, bool]:
     return replace(base, **given), args.print_config
 
 
+@command("run")
 def cli(argv: list[str] | None = None) -> int:
     cfg, print_only = config_from_argv(argv)
     if print_only:
@@ -492,4 +459,3 @@ def cli(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(cli())
-@command("run")

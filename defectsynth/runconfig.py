@@ -25,6 +25,8 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from defectsynth.errors import OneLineParser, UserError
+
 T = TypeVar("T")
 
 
@@ -38,8 +40,6 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) == 1 and len(typing.get_args(tp)) == 2:
-from defectsynth.errors import OneLineParser, UserError
-
             return args[0], True
     return tp, False
 
@@ -104,7 +104,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> argpa
 def parser_from_dataclass(cls: type, description: str | None = None,
                           prog: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one flag per field of `cls` (see `add_dataclass_arguments`)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(  # a bad flag is one line and exit 2 (defectsynth/errors.py)
         description=description or (cls.__doc__ or "").strip().split("\n")[0], prog=prog)
     return add_dataclass_arguments(parser, cls)
 
@@ -145,7 +145,7 @@ def config_from_dict(cls: type[T], data: dict[str, Any], source: str = "config")
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"{source}: unknown field(s) {unknown} for {cls.__name__}; "
+        raise UserError(f"{source}: unknown field(s) {unknown} for {cls.__name__}; "
                          f"expected some of {sorted(names)}")
     values = {}
     for name, value in data.items():
@@ -175,109 +175,3 @@ def load_config_json(cls: type[T], path: str | os.PathLike) -> T:
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON ({err})") from err
     return config_from_dict(cls, data, source=str(path))
-def _add_field_argument(parser: argparse.ArgumentParser, f: dataclasses.Field, hints: dict) -> argparse.Action:
-    """The canonical `--hyphen-name` flag of field `f`; returns its argparse action."""
-    tp, optional = _unwrap_optional(hints[f.name])
-    kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help", "")}
-    has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-    default = f.default if f.default is not dataclasses.MISSING else (
-        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-    if "choices" in f.metadata:
-        kwargs["choices"] = f.metadata["choices"]
-    if tp is bool:
-        text = kwargs["help"]
-        if has_default and isinstance(default, bool):
-            text = f"{text} (default: {'on' if default else 'off'})".strip()
-        return parser.add_argument(_field_flag(f), action=argparse.BooleanOptionalAction, default=default,
-                                   help=text)
-    origin = typing.get_origin(tp)
-    if origin in (tuple, list):
-        item = typing.get_args(tp)[0] if typing.get_args(tp) else str
-        kwargs["nargs"] = "*"
-        kwargs["type"] = item
-    elif tp in (int, float, str):
-        kwargs["type"] = tp
-    else:
-        kwargs["type"] = str
-    if optional:
-        base = kwargs["type"]
-        kwargs["type"] = lambda text, base=base: None if text.lower() == "none" else base(text)
-        if None in kwargs.get("choices", ()):  # spelled "none" on the command line
-            kwargs["metavar"] = "{" + ",".join("none" if c is None else str(c) for c in kwargs["choices"]) + "}"
-    if has_default:
-        kwargs["default"] = default
-        if kwargs["help"] is not None and default not in (None, "", ()):
-            kwargs["help"] = f"{kwargs['help']} (default: {default})".strip()
-    else:
-        kwargs["required"] = True
-    return parser.add_argument(_field_flag(f), **kwargs)
-
-
-class StageParser(OneLineParser):
-    """A stage's parser: `--config FILE` loads field values as the defaults, so flags given on the
-    command line override the file (a bad flag is one line and exit 2, see defectsynth/errors.py)."""
-
-    config_class: type | None = None
-
-    def parse_known_args(self, args=None, namespace=None):
-        argv = list(sys.argv[1:] if args is None else args)
-        path = _config_path(argv)
-        if path and self.config_class is not None:
-            try:
-                data = json.loads(Path(path).read_text(encoding="utf-8"))
-            except OSError as err:
-                self.error(f"--config {path}: cannot read it ({err.strerror or err})")
-            except json.JSONDecodeError as err:
-                self.error(f"--config {path}: not valid JSON ({err})")
-            if not isinstance(data, dict):
-                self.error(f"--config {path}: expected a JSON object of {self.config_class.__name__} fields")
-            values = _field_values(self.config_class, data, source=path)
-            self.set_defaults(**values)
-            for action in self._actions:  # a required flag the file gives is no longer required
-                if action.dest in values:
-                    action.required = False
-        return super().parse_known_args(argv, namespace)
-
-
-def _config_path(argv: list[str]) -> str:
-    """The value of `--config PATH` / `--config=PATH` in argv ('' if absent)."""
-    for i, token in enumerate(argv):
-        if token == "--":
-            break
-        if token == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-        if token.startswith("--config="):
-            return token.split("=", 1)[1]
-    return ""
-
-
-# A key a saved config.json may carry beside the fields: where the run came from (versions,
-# device, commit; see defectsynth/provenance.py). It is read back by nobody and ignored here.
-PROVENANCE_KEY = "provenance"
-
-
-def _field_values(cls: type, data: dict[str, Any], source: str) -> dict[str, Any]:
-    """`data` with former field names read as the current ones (one deprecation line on stderr
-    each) and the provenance record dropped; unknown fields are an error naming them."""
-    fields = [f for f in dataclasses.fields(cls) if f.init]
-    names = {f.name for f in fields}
-    formerly = {old: f.name for f in fields for old in f.metadata.get("formerly", ())}
-    values = {}
-    for key, value in data.items():
-        if key == PROVENANCE_KEY and key not in names:
-            continue
-        if key in formerly and key not in names:
-            print(f"{source}: key {key!r} is deprecated, read as {formerly[key]!r} (rename it in the file)",
-                  file=sys.stderr)
-            if formerly[key] in data:
-                raise UserError(f"{source}: both {key!r} (its former name) and {formerly[key]!r} are set; "
-                                f"keep only {formerly[key]!r}")
-            key = formerly[key]
-        values[key] = value
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise UserError(f"{source}: unknown field(s) {unknown} for {cls.__name__}; "
-                        f"expected some of {sorted(names)}")
-    return values
-
-

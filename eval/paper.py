@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from data.files import write_json_atomic
+from defectsynth.errors import UserError, command
 from defectsynth.runconfig import config_from_args, config_to_dict, parser_from_dataclass
 from eval.report import bar_chart, fmt, json_ready, markdown_table, write_text_atomic
 
@@ -42,7 +43,6 @@ PAPER = {
                "real": {"segm_map": 0.12, "bbox_map": 0.27, "iou": 80.7, "hd": 0.19},
                "synthetic+real": {"segm_map": 0.15, "bbox_map": 0.32, "iou": 80.9, "hd": 0.18}},
     "table2": {"real": {"segm_map": 0.00}, "synthetic+real": {"segm_map": 0.07}},
-from defectsynth.errors import UserError, command
     "table3": {"ours": {"l2": 91.36, "mi": 0.70, "fid": 181.15},
                "inpainting baseline": {"l2": 64.17, "mi": 1.36, "fid": 203.83}},
     "table4": {"with concept phase": {"fid": 102.79}, "without concept phase": {"fid": 106.17},
@@ -146,33 +146,8 @@ class Distances:
                                       cfg.kid_subset_size, cfg.seed).as_dict()
 
 
-def real_sets(cfg: PaperConfig, out: Path) -> dict[str, str]:
-    """{"train", "test", "small"}: the COCO files of Mask R-CNN's real training data (Tables 1, 2) and
-    of the held-out test set. What --data / --test / --data-small do not give is cut here, seeded
-    and stratified by class (data.coco), and saved under OUT/splits/."""
-    from data.coco import load_coco, save_coco, split_every_class, subset_with_every_class
-
-    sets = {"train": cfg.data, "test": cfg.test, "small": cfg.data_small}
-    if not cfg.test:
-        if not 0 < cfg.test_fraction < 1:
-            raise UserError(f"--test-fraction must be in (0, 1), got {cfg.test_fraction}")
-        parts = split_every_class(load_coco(cfg.data, check_images=False, progress=False),
-                                  [1 - cfg.test_fraction, cfg.test_fraction], seed=cfg.seed, names=["train", "test"])
-        for name in ("train", "test"):
-            sets[name] = str(out / "splits" / f"real_{name}.json")
-            save_coco(parts[name], sets[name], validate=False)
-    if not cfg.data_small and "2" in cfg.tables:
-        small = subset_with_every_class(load_coco(sets["train"], check_images=False, progress=False),
-                                        cfg.real_fraction, seed=cfg.seed)
-        sets["small"] = str(out / "splits" / "real_small.json")
-        save_coco(small, sets["small"], validate=False)
-    return sets
-
-
-def run_detection_tables(cfg: PaperConfig, out: Path) -> dict[str, dict[str, Any]]:
-    """Tables 1 and 2, each its own Mask R-CNN benchmark on the same test set: Table 1 trains on
-    --synthetic and --data, Table 2 on --synthetic-small and the small real set. Returns
-    {table: {"summary", "sets"}}."""
+def run_detection_tables(cfg: PaperConfig, out: Path) -> dict[str, Any]:
+    """Tables 1 and 2 from one Mask R-CNN benchmark run (shared synthetic phase)."""
     from eval.maskrcnn import MaskRCNNConfig, run_benchmark
 
     fractions = tuple(f for t, f in (("1", 1.0), ("2", cfg.real_fraction)) if t in cfg.tables)
@@ -384,6 +359,7 @@ def get_args_parser():
     return parser_from_dataclass(PaperConfig, prog="python -m eval.paper")
 
 
+@command("evaluate")
 def cli(argv: list[str] | None = None) -> int:
     main(config_from_args(PaperConfig, get_args_parser().parse_args(argv)))
     return 0
@@ -391,4 +367,3 @@ def cli(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(cli())
-@command("evaluate")

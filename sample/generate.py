@@ -15,7 +15,7 @@ Sample i is drawn from the seed derive_seed(--seed, "sample", i) with its own ge
 randomness is the same whatever `--batch` is. The networks' kernels still depend on the batch size
 in the last float bits (a rare pixel may move by one level); `--batch-invariant` runs the networks
 one sample at a time so every image is bit-identical for any `--batch`. The model runs on `--device` in `--dtype`
-(auto: bf16 on CUDA and on CPUs with native bf16, else fp32); the sampler maths stays float32.
+(auto: bf16 on CUDA, fp32 on CPU); the sampler maths stays float32.
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ class GenerateConfig:
     guess_mode: bool = field(default=False, metadata={"help": "ControlNet guess mode (residual ramp, "
                                                               "no control on the unconditional half)"})
     # ---- run
-    dtype: str = field(default="auto", metadata={"help": "model dtype (auto: bf16 on CUDA and on CPUs with native bf16 (AMX / AVX-512 BF16), else fp32)",
+    dtype: str = field(default="auto", metadata={"help": "model dtype (auto: bf16 on CUDA, fp32 on CPU)",
                                                  "choices": ["auto", *DTYPES]})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
     out: str = field(default="", metadata={"help": "output folder (required)"})
@@ -119,7 +119,7 @@ def main(cfg: GenerateConfig) -> GenerateResult:
         if getattr(cfg, name) < 1:
             raise UserError(f"sample.generate: --{name} must be at least 1, got {getattr(cfg, name)}")
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device, announce="sample.generate")
+    dtype = resolve_dtype(cfg.dtype, device)
     prediction_type = None if cfg.prediction_type == "auto" else cfg.prediction_type
 
     if cfg.random_weights:
@@ -169,8 +169,8 @@ def get_args_parser():
     return parser_from_dataclass(GenerateConfig, prog="python -m sample.generate")
 
 
-def cli(argv: list[str] | None = None) -> int:
 @command("generate")
+def cli(argv: list[str] | None = None) -> int:
     main(config_from_args(GenerateConfig, get_args_parser().parse_args(argv)))
     return 0
 

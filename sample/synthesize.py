@@ -125,7 +125,7 @@ class SynthesizeConfig:
         "help": "an output whose pixel std (grey levels, 0..255) is below this is blank"})
     # ---- run (these do not change the dataset)
     batch: int = field(default=8, metadata={"help": "images per generate() call"})
-    dtype: str = field(default="auto", metadata={"help": "model dtype (auto: bf16 on CUDA and on CPUs with native bf16 (AMX / AVX-512 BF16), else fp32)",
+    dtype: str = field(default="auto", metadata={"help": "model dtype (auto: bf16 on CUDA, fp32 on CPU)",
                                                  "choices": ["auto", *DTYPES]})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 (torchrun: cuda:LOCAL_RANK)"})
     save_drivers: bool = field(default=False, metadata={"help": "also write each pair's hint to OUT/drivers/"})
@@ -395,7 +395,7 @@ def main(cfg: SynthesizeConfig) -> SynthesizeResult | np.ndarray:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
-        run = prepare(cfg, device, resolve_dtype(cfg.dtype, device, announce="sample.synthesize" if rank == 0 else ""))
+        run = prepare(cfg, device, resolve_dtype(cfg.dtype, device))
         shard, num_shards = cfg.shard * world + rank, cfg.num_shards * world
         # Rank 0 hashes the model files (cached) and writes or checks synthesize.json; the others read it.
         if rank == 0:
@@ -524,10 +524,10 @@ def get_args_parser():
     return parser_from_dataclass(SynthesizeConfig, prog="python -m sample.synthesize")
 
 
+@command("synthesize")
 def cli(argv: list[str] | None = None) -> int:
     main(config_from_args(SynthesizeConfig, get_args_parser().parse_args(argv)))
     return 0
-@command("synthesize")
 
 
 if __name__ == "__main__":

@@ -133,7 +133,7 @@ def resolve_config(cfg: ConceptConfig, model: StableDiffusion, device: torch.dev
         raise UserError("train.concept: prior preservation needs --num-class-images >= 1 (or --no-with-prior)")
     if "{}" not in cfg.prompt_template:
         raise UserError(f"train.concept: --prompt-template {cfg.prompt_template!r} needs a {{}} placeholder")
-    precision = resolve_precision(cfg.precision, device, announce="train.concept")
+    precision = resolve_precision(cfg.precision, device)
     lr = cfg.lr if cfg.lr is not None else (2e-6 if cfg.train_text_encoder else 5e-6)
     return replace(
         cfg, precision=precision, lr=lr,

@@ -201,14 +201,14 @@ def resolve_config(cfg: ConditionConfig, model: StableDiffusion, device: torch.d
         raise UserError("train.condition: --export-ema needs --ema")
     if not 0.0 <= cfg.drop_prompt_rate <= 1.0:
         raise UserError(f"train.condition: --drop-prompt-rate must be in [0, 1], got {cfg.drop_prompt_rate}")
-    for name in ("batch_size", "grad_accum", "log_every", "validation_sampler_steps"):
+    for name in ("batch_size", "grad_accum", "log_every", "validation_steps"):
         if getattr(cfg, name) < 1:
             raise UserError(f"train.condition: --{name.replace('_', '-')} must be at least 1, "
                              f"got {getattr(cfg, name)}")
     cfg.driver_config  # noqa: B018 - DriverConfig checks its own fields
     augmented = cfg.hflip or cfg.random_crop
     return replace(
-        cfg, precision=resolve_precision(cfg.precision, device, announce="train.condition"),
+        cfg, precision=resolve_precision(cfg.precision, device),
         decoder_lr=cfg.decoder_lr if cfg.decoder_lr is not None else cfg.lr,
         resolution=cfg.resolution or model.config.image_size, prediction_type=model.prediction_type,
         device=device.type, cache_latents=cfg.cache_latents and not augmented)
@@ -633,10 +633,10 @@ def get_args_parser():
     return parser_from_dataclass(ConditionConfig, prog="python -m train.condition")
 
 
+@command("condition")
 def cli(argv: list[str] | None = None) -> int:
     result = main(config_from_args(ConditionConfig, get_args_parser().parse_args(argv)))
     return 1 if result.stopped else 0  # a stop (SIGINT/SIGTERM) is not a finished run
-@command("condition")
 
 
 if __name__ == "__main__":
