@@ -88,7 +88,8 @@ class RunFlags:
     seed: int = field(default=0, metadata={"help": "run seed, passed to every stage"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu, cuda"})
     threads: int = field(default=0, metadata={
-        "help": "torch CPU threads (0: auto = cores minus the current load average, at least 1)"})
+        "help": "torch CPU threads (0: one per core this process may use; -1: cores minus the 1-minute "
+                "load average, at least 1, for a machine shared with other jobs)"})
     inception_weights: str = field(default="", metadata={
         "help": "pt_inception-2015-12-05-6726825d.pth for FID (else the FD column uses --feature-extractor)"})
     feature_extractor: str = field(default="", metadata={
@@ -318,13 +319,28 @@ def log_event(out: Path, record: dict[str, Any]) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS reports it, else all)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def pick_threads(requested: int) -> int:
-    """Torch CPU threads: `requested`, or (0) the idle cores: cores minus the 1-minute load average.
-    On a shared machine extra threads only wait on each other (measured: a tiny VAE step 10x slower
-    with 2 threads than with 1 at load 7 on 2 cores)."""
+    """Torch CPU threads: `requested` (> 0); 0, the default: one per usable core; -1: the idle cores,
+    i.e. cores minus the 1-minute load average (at least 1), for a machine shared with other jobs,
+    where extra threads only wait on each other (measured: a tiny VAE step 10x slower with 2
+    threads than with 1 at load 7 on 2 cores). Not the default: the load a fresh install leaves
+    behind made it pick 1 of 2 idle cores in the README's first command."""
     if requested > 0:
         return requested
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
+    if requested == 0:
+        return cores
+    if requested != -1:
+        raise ValueError(f"defectsynth run: --threads must be a positive count, 0 (one per core) or -1 "
+                         f"(cores minus the load average), got {requested}")
     try:
         load = os.getloadavg()[0]
     except OSError:
