@@ -54,6 +54,9 @@ PRESETS: dict[str, SDConfig] = {
     "sd21-v": SDConfig("sd2", "v_prediction", UNetConfig.sd21(), VAEConfig.sd(), TextEncoderConfig.openclip_h(), 768),
     "tiny": SDConfig("sd1", "epsilon", UNetConfig.tiny(), VAEConfig.tiny(), TextEncoderConfig.tiny(), 64),
     "tiny-sd2": SDConfig("sd2", "epsilon", UNetConfig.tiny_sd2(), VAEConfig.tiny(), TextEncoderConfig.tiny_sd2(), 64),
+    # The v-prediction twin of tiny-sd2 (as sd21-v is of sd21): the tests train and sample it.
+    "tiny-sd2-v": SDConfig("sd2", "v_prediction", UNetConfig.tiny_sd2(), VAEConfig.tiny(), TextEncoderConfig.tiny_sd2(),
+                           64),
 }
 
 
