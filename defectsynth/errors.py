@@ -61,7 +61,10 @@ def is_disk_full(err: BaseException) -> bool:
 def one_line(text: str) -> str:
     """A possibly multi-line message as one line (lines joined with '; ')."""
     parts = [line.strip() for line in str(text).splitlines() if line.strip()]
-    return "; ".join(parts) if parts else "error"
+    joined = ""
+    for part in parts:
+        joined += ("" if not joined else " " if joined.endswith(":") else "; ") + part
+    return joined or "error"
 
 
 _MODULE_PREFIX = re.compile(r"^(?:train|sample|data|eval|weights|defectsynth)\.[a-z_]+: ")

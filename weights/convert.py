@@ -14,7 +14,6 @@ from pathlib import Path
 
 from defectsynth.errors import UserError, command
 from defectsynth.runconfig import config_from_args, parser_from_dataclass
-from weights.files import CheckpointError
 from weights.load import load_pipeline
 from weights.save import DTYPES, save_diffusers, save_ldm
 
@@ -62,8 +61,8 @@ def main(cfg: ConvertConfig) -> int:
     print(f"wrote {dst} ({cfg.to}, {cfg.dtype})")
     return 0
 
-@command("convert")
 
+@command("convert")
 def cli(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.positional:

@@ -251,11 +251,25 @@ def read_manifest(path: str | os.PathLike) -> DictFile:
     return DictFile(path, tensors)
 
 
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def _refuse_lfs_pointer(path: Path) -> None:
+    """A git-lfs pointer (a ~130-byte text file where the weights should be) is named as one;
+    otherwise it reads as a corrupt header or an unsafe pickle."""
+    with open(path, "rb") as handle:
+        head = handle.read(len(LFS_POINTER))
+    if head == LFS_POINTER:
+        raise CheckpointError(f"{path}: a git-lfs pointer file ({path.stat().st_size} bytes), not the weights; "
+                              f"run `git lfs pull` in its repository or download the file itself")
+
+
 def open_tensor_file(path: str | os.PathLike) -> TensorFile:
     """Open one weights file by its suffix (.safetensors, .ckpt/.pth/.pt/.bin, *.index.json)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
+    _refuse_lfs_pointer(path)
     name = path.name
     if name.endswith(".index.json"):
         return ShardedFile(path)

@@ -309,10 +309,11 @@ class LoadInfo:
     known_extras: dict[str, list[str]] = field(default_factory=dict)
     unexpected: list[str] = field(default_factory=list)
     not_loaded: dict[str, int] = field(default_factory=dict)  # other components' keys this load skipped
+    non_finite: list[str] = field(default_factory=list)     # "key: N of M values are NaN/inf" (check_values)
 
     @property
     def ok(self) -> bool:
-        return not self.unexpected and all(r.ok for r in self.components.values())
+        return not self.unexpected and not self.non_finite and all(r.ok for r in self.components.values())
 
     def problems(self) -> str:
         lines = []
@@ -325,6 +326,8 @@ class LoadInfo:
             lines += [f"{report.name}: {e}" for e in report.errors]
         if self.unexpected:
             lines.append(f"{len(self.unexpected)} unexpected key(s), e.g. {self.unexpected[:EXAMPLES]}")
+        if self.non_finite:
+            lines.append(f"{len(self.non_finite)} tensor(s) hold NaN/inf (damaged weights), first: {self.non_finite[0]}")
         return "\n".join(lines)
 
     def summary(self) -> str:
@@ -388,11 +391,10 @@ def plan_component(part: Part, ema: bool = False) -> Plan:
     ours = module.state_dict()
     report = ComponentReport(part.component, f"{part.describes} [{layout.name}, prefix {layout.prefix or '(none)'}]",
                              part.config, part.config_source, sum(t.numel() for t in ours.values()), len(ours))
-    try:
-        rules = layout.rules(list(ours))
-    except KeyError as err:
-        report.errors.append(str(err))
+    rules = _rules(layout, ours, report)
+    if rules is None:
         return Plan(part, module, [], report)
+    report.errors += _dtype_problems(rules, part.file, ours)
     for rule in rules:
         absent = [k for k in rule.theirs if k not in part.file]
         if absent:
@@ -411,6 +413,66 @@ def plan_component(part: Part, ema: bool = False) -> Plan:
         else:
             report.matched += len(rule.ours)
     return Plan(part, module, rules, report)
+
+
+def _rules(layout: Layout, ours: Mapping[str, torch.Tensor], report: ComponentReport) -> list[Rule] | None:
+    try:
+        return layout.rules(list(ours))
+    except KeyError as err:
+        report.errors.append(str(err))
+        return None
+
+
+def _dtype_problems(rules: list[Rule], file: TensorFile, ours: Mapping[str, torch.Tensor]) -> list[str]:
+    """Integer or bool tensors where our module holds floats (a damaged or foreign file): refused
+    on meta tensors, before anything is read, instead of failing later inside a forward pass."""
+    problems = []
+    for rule in rules:
+        if not any(ours[k].is_floating_point() for k in rule.ours):
+            continue
+        for key in rule.theirs:
+            if key in file and not file.dtype(key).is_floating_point:
+                problems.append(f"file key {key} has dtype {str(file.dtype(key)).replace('torch.', '')}, "
+                                f"expected a floating-point dtype")
+    return problems
+
+
+NONFINITE_CHUNK = 1 << 22  # elements per finiteness check: a 4 MB bool mask at most, never a full copy
+
+
+def count_non_finite(tensor: torch.Tensor) -> int:
+    """How many NaN / inf values a floating tensor holds, checked in chunks of a flat view."""
+    if not tensor.is_floating_point() or tensor.is_meta or tensor.numel() == 0:
+        return 0
+    flat = tensor.reshape(-1)  # a view for the contiguous tensors files hold
+    bad = 0
+    for start in range(0, flat.numel(), NONFINITE_CHUNK):
+        chunk = flat[start:start + NONFINITE_CHUNK]
+        finite = torch.isfinite(chunk)
+        if not bool(finite.all()):
+            bad += int(chunk.numel() - finite.sum())
+    return bad
+
+
+def non_finite_error(path: str, key: str, bad: int, numel: int) -> CheckpointError:
+    return CheckpointError(f"{path}: tensor {key!r} holds {bad} NaN/inf value(s) of {numel}: the weights are "
+                           f"damaged (or saved from a diverged run); use another copy or an earlier checkpoint")
+
+
+def scan_non_finite(plans: Mapping[str, "Plan"]) -> list[str]:
+    """'file key: N of M NaN/inf' for every floating tensor the plans would load (each read once,
+    one at a time; the meta tensors of a manifest are skipped)."""
+    found = []
+    for plan in plans.values():
+        file = plan.part.file
+        for key in (k for rule in plan.rules for k in rule.theirs):
+            if key not in file or not file.dtype(key).is_floating_point:
+                continue
+            tensor = file.get(key)
+            bad = count_non_finite(tensor)
+            if bad:
+                found.append(f"{key}: {bad} of {tensor.numel()} values are NaN/inf")
+    return found
 
 
 def _shapes_fit(rule: Rule, file: TensorFile) -> bool:
@@ -509,6 +571,10 @@ def materialise(plan: Plan, device: str | torch.device = "cpu", dtype: torch.dty
     state: dict[str, torch.Tensor] = {}
     for rule in plan.rules:
         tensors = [file.get(k) for k in rule.theirs]
+        for key, tensor in zip(rule.theirs, tensors):
+            bad = count_non_finite(tensor)  # before the cast: an fp16 inf stays inf, a NaN NaN
+            if bad:
+                raise non_finite_error(file.path, key, bad, tensor.numel())
         for our_key, tensor in zip(rule.ours, rule.transform.to_ours(tensors)):
             if tensor.is_floating_point():
                 tensor = tensor.to(device=device, dtype=dtype)
@@ -610,9 +676,12 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: t
     return (model, info) if return_info else model
 
 
-def inspect_checkpoint(path: str | Path, ema: bool = False, prediction_type: str | None = None) -> LoadInfo:
+def inspect_checkpoint(path: str | Path, ema: bool = False, prediction_type: str | None = None,
+                       check_values: bool = False) -> LoadInfo:
     """What `load_pipeline` (or, for a single-component file, load_unet / load_vae /
-    load_text_encoder) would do with `path`, on meta tensors: no weights are read."""
+    load_text_encoder) would do with `path`, on meta tensors: no weights are read, unless
+    `check_values`, which then reads every tensor the load would use once and lists those holding
+    NaN / inf (`LoadInfo.non_finite`; the load itself refuses them)."""
     checkpoint = open_checkpoint(path)
     # An SD single file (LDM prefixes) or a diffusers pipeline folder is judged as load_pipeline
     # would (all three components needed); a bare component (a diffusers unet/ state dict, a VAE
@@ -623,5 +692,7 @@ def inspect_checkpoint(path: str | Path, ema: bool = False, prediction_type: str
         for name, p in checkpoint.parts.items() if name in SD_COMPONENTS)
     wanted = SD_COMPONENTS + tuple(n for n in checkpoint.parts if n not in SD_COMPONENTS) if pipeline \
         else tuple(checkpoint.parts)
-    info, _ = analyse(checkpoint, wanted, ema=ema, prediction_type=prediction_type)
+    info, plans = analyse(checkpoint, wanted, ema=ema, prediction_type=prediction_type)
+    if check_values:
+        info.non_finite = scan_non_finite(plans)
     return info
