@@ -344,6 +344,101 @@ def split_coco(data: Coco, fractions: Sequence[float], seed: int = 0, stratify: 
     return out
 
 
+def _images_of_category(data: Coco) -> dict[int, list[int]]:
+    """category id -> sorted ids of the images holding at least one of its instances."""
+    found: dict[int, set[int]] = defaultdict(set)
+    for ann in data["annotations"]:
+        found[ann["category_id"]].add(ann["image_id"])
+    return {cat: sorted(ids) for cat, ids in found.items()}
+
+
+def _select_images(data: Coco, ids: Sequence[int]) -> Coco:
+    """A copy of `data` with only the images `ids` (in id order) and their annotations."""
+    keep = set(ids)
+    part = {k: copy.deepcopy(v) for k, v in data.items() if k not in ("images", "annotations")}
+    part["images"] = [copy.deepcopy(img) for img in data["images"] if img["id"] in keep]
+    part["annotations"] = [copy.deepcopy(a) for a in data["annotations"] if a["image_id"] in keep]
+    return part
+
+
+def split_every_class(data: Coco, fractions: Sequence[float], seed: int = 0,
+                      names: Sequence[str] | None = None) -> dict[str, Coco]:
+    """Split by image into parts of exact sizes (largest remainder of len(images) x fractions), with
+    every category present in every part when it has at least one image per part.
+
+    First, category by category (fewest images first), every part that lacks the category gets one
+    seeded random image holding it that no part has taken yet; then the other images are cut by
+    `split_coco` (stratified, seeded) so each part reaches its size. A part smaller than the number
+    of categories it must hold grows to hold them; the largest part gives the images back.
+    """
+    fractions = [float(f) for f in fractions]
+    names = list(names) if names is not None else [f"split{i}" for i in range(len(fractions))]
+    if len(names) != len(fractions) or len(set(names)) != len(names):
+        raise ValueError(f"split_every_class: need {len(fractions)} distinct names, got {names}")
+    if any(f <= 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"split_every_class: fractions must be > 0 and sum to 1, got {fractions}")
+    rng = np.random.default_rng(seed)
+    by_category = _images_of_category(data)
+    cats_of: dict[int, set[int]] = defaultdict(set)
+    for cat, ids in by_category.items():
+        for image_id in ids:
+            cats_of[image_id].add(cat)
+    taken: dict[int, int] = {}  # image id -> part index
+    for cat in sorted(by_category, key=lambda c: (len(by_category[c]), c)):
+        if len(by_category[cat]) < len(fractions):
+            continue  # too few images to reach every part
+        for part in range(len(fractions)):
+            if any(cat in cats_of[i] for i, p in taken.items() if p == part):
+                continue
+            free = [i for i in by_category[cat] if i not in taken]
+            if free:
+                taken[free[int(rng.integers(len(free)))]] = part
+    targets = _largest_remainder(len(data["images"]), fractions)
+    seeded = [sum(1 for p in taken.values() if p == part) for part in range(len(fractions))]
+    needs = [max(0, t - s) for t, s in zip(targets, seeded)]
+    rest = [img["id"] for img in data["images"] if img["id"] not in taken]
+    largest = int(np.argmax(fractions))
+    needs[largest] += len(rest) - sum(needs)  # parts grown to hold their categories shrink the largest
+    while needs[largest] < 0:  # tiny sets: the largest part is already full, so the next largest gives
+        needs[largest] += 1
+        needs[max((p for p in range(len(needs)) if p != largest and needs[p] > 0), key=lambda p: needs[p])] -= 1
+    parts = [sorted(i for i, p in taken.items() if p == part) for part in range(len(fractions))]
+    if rest:
+        remainder = _select_images(data, rest)
+        cut = split_coco(remainder, [n / len(rest) for n in needs], seed=int(rng.integers(2 ** 31)),
+                         names=names)
+        for part, name in enumerate(names):
+            parts[part] += [img["id"] for img in cut[name]["images"]]
+    return {name: _select_images(data, ids) for name, ids in zip(names, parts)}
+
+
+def subset_with_every_class(data: Coco, fraction: float, seed: int = 0) -> Coco:
+    """ceil(fraction x images) seeded images holding every category (more when there are more
+    categories than that): one random image per category not yet covered (fewest images first),
+    then a stratified draw (`split_coco`) of the rest."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"subset_with_every_class: fraction must be in (0, 1], got {fraction}")
+    total = len(data["images"])
+    count = min(total, int(np.ceil(fraction * total - 1e-9)))
+    rng = np.random.default_rng(seed)
+    by_category = _images_of_category(data)
+    chosen: list[int] = []
+    covered: set[int] = set()
+    for cat in sorted(by_category, key=lambda c: (len(by_category[c]), c)):
+        if cat in covered:
+            continue
+        pick = by_category[cat][int(rng.integers(len(by_category[cat])))]
+        chosen.append(pick)
+        covered |= {c for c, ids in by_category.items() if pick in ids}
+    rest = [img["id"] for img in data["images"] if img["id"] not in set(chosen)]
+    need = count - len(chosen)
+    if need > 0 and rest:
+        cut = split_coco(_select_images(data, rest), [need / len(rest), 1 - need / len(rest)],
+                         seed=int(rng.integers(2 ** 31)), names=["take", "leave"])
+        chosen += [img["id"] for img in cut["take"]["images"]]
+    return _select_images(data, chosen)
+
+
 def subset_coco(data: Coco, fraction: float, seed: int = 0, stratify: bool = True) -> Coco:
     """A seeded (stratified) fraction of the images, e.g. 0.1 for the paper's 10% experiments."""
     if not 0 < fraction <= 1:

@@ -57,9 +57,26 @@ from train.concept import ConceptConfig
 from train.condition import ConditionConfig
 from train.prior import PriorConfig
 
-STAGES = ("data", "prior", "concept", "condition", "synthesize", "evaluate")
-STAGE_DIRS = {"data": "data", "prior": "prior", "concept": "concept", "condition": "condition",
-              "synthesize": "sadf", "evaluate": "eval"}
+STAGES = ("data", "split", "prior", "concept", "condition", "synthesize",
+          "concept_small", "condition_small", "synthesize_small",              # Tables 2 and 4: the 10% generator
+          "condition_inpaint", "diversity_ours", "diversity_inpaint",          # Table 3: the inpainting baseline
+          "condition_no_concept", "synthesize_no_concept",                     # Table 4: no concept phase
+          "evaluate")
+STAGE_DIRS = {"data": "data", "split": "splits", "prior": "prior", "concept": "concept", "condition": "condition",
+              "synthesize": "sadf", "concept_small": "concept_small", "condition_small": "condition_small",
+              "synthesize_small": "sadf_small", "condition_inpaint": "condition_inpaint",
+              "diversity_ours": "diversity/ours", "diversity_inpaint": "diversity/inpaint",
+              "condition_no_concept": "condition_no_concept", "synthesize_no_concept": "sadf_no_concept",
+              "evaluate": "eval"}
+# The stages each table needs beyond data -> split -> (prior ->) concept -> condition -> synthesize.
+TABLE_STAGES = {"1": (), "2": ("concept_small", "condition_small", "synthesize_small"),
+                "3": ("condition_inpaint", "diversity_ours", "diversity_inpaint"),
+                "4": ("concept_small", "condition_small", "synthesize_small", "condition_no_concept",
+                      "synthesize_no_concept")}
+TABLES = tuple(TABLE_STAGES)
+# Demo only: the extra generators (10%, inpainting baseline, no concept) train this share of the
+# main generator's steps, to fit the 15-minute CPU budget (ours; the report says so).
+DEMO_EXTRA_STEPS = {"concept": 0.5, "condition": 0.25}
 MARKERS = "stages"  # OUT/stages/<stage>.json: the run's completion marker of each stage
 # Stage-config fields that may differ between a finished stage and a rerun (bookkeeping only).
 BOOKKEEPING = frozenset({"progress", "resume", "device", "log_every", "checkpoint_every", "keep_last", "batch",
@@ -94,6 +111,15 @@ class RunFlags:
         "help": "pt_inception-2015-12-05-6726825d.pth for FID (else the FD column uses --feature-extractor)"})
     feature_extractor: str = field(default="", metadata={
         "help": "FD features when there is no Inception file (empty: 'pixels' for the demo; see eval.features)"})
+    test: str = field(default="", metadata={
+        "help": "your own held-out test COCO json (default: split off --data, see --split)"})
+    split: tuple[float, ...] = field(default=(0.8, 0.1, 0.1), metadata={
+        "help": "train / val / test fractions of the annotated set, split by image, seeded, stratified by class "
+                "before anything trains (equal val / test halves as the paper's section 5.1; the 0.8 is ours)"})
+    small_fraction: float = field(default=0.1, metadata={
+        "help": "the small regime's share of train (paper: 10%%, Tables 2 and 4): ceil(f x train) images, every class"})
+    tables: tuple[str, ...] = field(default=TABLES, metadata={
+        "help": "the paper's tables to make (each adds its generators and syntheses)", "choices": list(TABLES)})
     stop_after: str = field(default="", metadata={
         "help": "stop after this stage (for testing resumption)", "choices": ["", *STAGES]})
 
@@ -112,6 +138,11 @@ class RunConfig(RunFlags):
     condition: ConditionConfig | None = None
     synthesize: SynthesizeConfig | None = None
     evaluate: PaperConfig | None = None
+    # The extra generators: the 10% concept (Tables 2, 4), and the settings shared by the three extra
+    # controls (10% generator, inpainting baseline, no concept). None: the main generator's settings
+    # (the demo: with DEMO_EXTRA_STEPS of its steps).
+    concept_small: ConceptConfig | None = None
+    condition_extra: ConditionConfig | None = None
 
     @property
     def demo(self) -> bool:
@@ -134,7 +165,7 @@ def demo_stage_configs() -> dict[str, Any]:
         "synthesize": SynthesizeConfig(variants=2, samples_per_driver=3, steps=20, guidance=3.0, batch=16,
                                        sheet_pairs=6),
         "evaluate": PaperConfig(iterations=10, batch_size=2, min_size=128, max_size=128, rois_per_image=64,
-                                detections_per_image=50, checkpoint_every=5, conditions=10, per_condition=3,
+                                detections_per_image=50, checkpoint_every=5, conditions=5, per_condition=4,
                                 diversity_size=128, fid_batch_size=64, kid_subsets=20),
     }
 
@@ -153,8 +184,27 @@ def resolve_run_config(cfg: RunConfig) -> RunConfig:
     if cfg.ckpt and not cfg.data:  # real SD on the demo data: the demo's data, the paper's training settings
         defaults["demo_data"] = demo_stage_configs()["demo_data"]
     filled = {name: getattr(cfg, name) if getattr(cfg, name) is not None else value for name, value in defaults.items()}
+    scale = DEMO_EXTRA_STEPS if cfg.demo else {"concept": 1.0, "condition": 1.0}
+    extra = {"concept_small": ("concept", {}),
+             # the extra controls validate once, at the end (their adherence is reported, not plotted)
+             "condition_extra": ("condition", {"validate_every": 0} if cfg.demo else {})}
+    for name, (main, changes) in extra.items():
+        if getattr(cfg, name) is None:
+            base = filled[main]
+            filled[name] = replace(base, steps=max(1, round(base.steps * scale[main])), **changes)
+    unknown = sorted(set(cfg.tables) - set(TABLES))
+    if unknown:
+        raise UserError(f"defectsynth run: --tables {' '.join(unknown)}: unknown; choose from {' '.join(TABLES)}")
+    from defectsynth.splits import check_fractions
+    try:
+        check_fractions(tuple(cfg.split))
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if not 0 < cfg.small_fraction <= 1:
+        raise UserError(f"defectsynth run: --small-fraction must be in (0, 1], got {cfg.small_fraction}")
     resolution = cfg.resolution or (128 if not cfg.ckpt else 0)
-    return replace(cfg, resolution=resolution, **filled)
+    return replace(cfg, resolution=resolution, tables=tuple(t for t in TABLES if t in cfg.tables),
+                   split=tuple(cfg.split), **filled)
 
 
 # ----------------------------------------------------------------------------------------- stages
@@ -174,12 +224,84 @@ def resolved_device(device: str) -> str:
 
 
 def plan(cfg: RunConfig) -> list[Stage]:
-    """Every stage with its wired config (paths from one stage to the next, seed, device, resolution)."""
+    """Every stage with its wired config (paths from one stage to the next, seed, device, resolution).
+
+    The annotated set is split before anything trains (the split stage); the generators, the
+    synthesis mask banks and every Mask R-CNN training phase see the training split only, and every
+    Mask R-CNN metric is computed on the test split (paper sections 4 and 5.1)."""
     out = Path(cfg.out)
     folder = {name: out / sub for name, sub in STAGE_DIRS.items()}
-    stages: list[Stage] = []
+    stages, annotated, free, prior_source = _data_stages(cfg, folder)
+    splits = {name: folder["split"] / f"{name}.json" for name in ("train", "val", "test", "train_small",
+                                                                  "free_diversity")}
+    from defectsynth.splits import SplitConfig, make_splits
+    split = SplitConfig(data=str(annotated), free=str(free), out=str(folder["split"]), listing=str(out / "splits.json"),
+                        fractions=tuple(cfg.split), test=cfg.test, small_fraction=cfg.small_fraction,
+                        diversity_conditions=cfg.evaluate.conditions, seed=cfg.seed)
+    stages.append(Stage("split", folder["split"], split, lambda split=split: make_splits(split),
+                        [*splits.values(), out / "splits.json"]))
 
-    # Data: the annotated set, defect-free images, and the prior's surfaces.
+    device = resolved_device(cfg.device)
+    if not cfg.ckpt:
+        caption = cfg.concept.prompt_template.format(cfg.concept.class_noun)  # the prior knows the class prompt
+        prior = replace(cfg.prior, data=str(prior_source), out=str(folder["prior"]), resolution=cfg.resolution,
+                        caption=caption, eval_data=str(annotated), seed=cfg.seed, device=device,
+                        resume="latest")
+        stages.append(Stage("prior", folder["prior"], prior, _call("train.prior", prior),
+                            [folder["prior"] / "prior.safetensors"]))
+        base = folder["prior"] / "prior.safetensors"
+    else:
+        base = Path(cfg.ckpt)
+    common = dict(resolution=cfg.resolution, seed=cfg.seed, device=device)
+    needed = {name for t in cfg.tables for name in TABLE_STAGES[t]}
+
+    def generator(suffix: str, concept_cfg: ConceptConfig | None, condition_cfg: ConditionConfig, data: Path,
+                  condition: str = "driver", tuned: Path | None = None) -> None:
+        """concept<suffix> (unless `tuned` is given) and condition<suffix>, trained on `data`."""
+        if tuned is None:
+            concept = replace(concept_cfg, ckpt=str(base), random_weights=False, data=str(data),
+                              out=str(folder["concept" + suffix]), resume="latest", **common)
+            if suffix:  # the class images depend on the base model and seed only: drawn once, shared
+                concept = replace(concept, class_dir=str(folder["concept"] / "class_images"))
+            stages.append(Stage("concept" + suffix, folder["concept" + suffix], concept,
+                                _call("train.concept", concept), [folder["concept" + suffix] / "concept.safetensors"]))
+            tuned = folder["concept" + suffix] / "concept.safetensors"
+        name = "condition" + suffix
+        control = replace(condition_cfg, ckpt=str(tuned), random_weights=False, data=str(data), out=str(folder[name]),
+                          identifier=cfg.concept.identifier, condition=condition, validation_data=str(splits["val"]),
+                          resume="latest", **common)
+        stages.append(Stage(name, folder[name], control, _call("train.condition", control),
+                            [folder[name] / "control.safetensors", folder[name] / "base.safetensors"]))
+
+    def synthesis(name: str, control_stage: str, masks: Path, free_images: Path, **changes: Any) -> None:
+        sy = replace(cfg.synthesize, ckpt=str(folder[control_stage] / "base.safetensors"),
+                     control=str(folder[control_stage] / "control.safetensors"), random_weights=False,
+                     free=str(free_images), masks=str(masks), out=str(folder[name]), **common, **changes)
+        stages.append(Stage(name, folder[name], sy, _call("sample.synthesize", sy), [folder[name] / "sadf.json"]))
+
+    generator("", cfg.concept, cfg.condition, splits["train"])
+    synthesis("synthesize", "condition", splits["train"], free)
+    if "concept_small" in needed:  # Tables 2 and 4: a generator trained on the small subset of train
+        generator("_small", cfg.concept_small, cfg.condition_extra, splits["train_small"])
+        synthesis("synthesize_small", "condition_small", splits["train_small"], free)
+    if "condition_inpaint" in needed:  # Table 3: the inpainting baseline, same pairs and seeds as ours
+        generator("_inpaint", None, cfg.condition_extra, splits["train"], condition="inpaint",
+                  tuned=folder["concept"] / "concept.safetensors")
+        k = cfg.evaluate.per_condition
+        synthesis("diversity_ours", "condition", splits["train"], splits["free_diversity"], variants=1,
+                  samples_per_driver=k)
+        synthesis("diversity_inpaint", "condition_inpaint", splits["train"], splits["free_diversity"], variants=1,
+                  samples_per_driver=k)
+    if "condition_no_concept" in needed:  # Table 4: the control trained on the base model itself
+        generator("_no_concept", None, cfg.condition_extra, splits["train_small"], tuned=base)
+        synthesis("synthesize_no_concept", "condition_no_concept", splits["train_small"], free)
+    stages.append(_evaluate_stage(cfg, folder, splits, device, needed))
+    return stages
+
+
+def _data_stages(cfg: RunConfig, folder: dict[str, Path]) -> tuple[list[Stage], Path, Path, Path | None]:
+    """The demo's data stage (when there is no --data): (stages, annotated COCO, defect-free images,
+    the prior's training images or None with --ckpt)."""
     if cfg.demo or not cfg.data:
         demo = replace(cfg.demo_data, out=str(folder["data"]), seed=cfg.seed)
         annotated, free = folder["data"] / "annotations.json", folder["data"] / "free.json"
@@ -190,55 +312,43 @@ def plan(cfg: RunConfig) -> list[Stage]:
     prior_source = None
     if not cfg.ckpt:
         prior_source = folder["data"] / "prior_surfaces" / "free.json" if demo is not None else free
+    if demo is None:
+        return [], annotated, free, prior_source
     surfaces = None
-    if demo is not None and not cfg.ckpt:
+    if not cfg.ckpt:
         # Generic surfaces from another seed, without defects: the prior never sees the annotated set.
         surfaces = replace(demo, out=str(folder["data"] / "prior_surfaces"), seed=cfg.seed + 1000,
                            num_defective=0, num_free=cfg.prior_images)
-    if demo is not None:
-        def make_data(demo=demo, surfaces=surfaces):
-            from data.demo import make_demo_dataset
-            make_demo_dataset(demo)
-            if surfaces is not None:
-                make_demo_dataset(surfaces)
-        outputs = [annotated, free] + ([Path(surfaces.out) / "free.json"] if surfaces else [])
-        stages.append(Stage("data", folder["data"], {"demo": demo, "prior_surfaces": surfaces}, make_data, outputs))
 
-    device = resolved_device(cfg.device)
-    concept_cfg = cfg.concept
-    if not cfg.ckpt:
-        caption = concept_cfg.prompt_template.format(concept_cfg.class_noun)  # the prior knows the class prompt
-        prior = replace(cfg.prior, data=str(prior_source), out=str(folder["prior"]), resolution=cfg.resolution,
-                        caption=caption, eval_data=str(annotated), seed=cfg.seed, device=device, resume="latest")
-        stages.append(Stage("prior", folder["prior"], prior, _call("train.prior", prior),
-                            [folder["prior"] / "prior.safetensors"]))
-        base = folder["prior"] / "prior.safetensors"
-    else:
-        base = Path(cfg.ckpt)
+    def make_data(demo=demo, surfaces=surfaces):
+        from data.demo import make_demo_dataset
+        make_demo_dataset(demo)
+        if surfaces is not None:
+            make_demo_dataset(surfaces)
+    outputs = [annotated, free] + ([Path(surfaces.out) / "free.json"] if surfaces else [])
+    return ([Stage("data", folder["data"], {"demo": demo, "prior_surfaces": surfaces}, make_data, outputs)],
+            annotated, free, prior_source)
 
-    concept = replace(concept_cfg, ckpt=str(base), random_weights=False, data=str(annotated),
-                      out=str(folder["concept"]), resolution=cfg.resolution, seed=cfg.seed, device=device,
-                      resume="latest")
-    stages.append(Stage("concept", folder["concept"], concept, _call("train.concept", concept),
-                        [folder["concept"] / "concept.safetensors"]))
-    condition = replace(cfg.condition, ckpt=str(folder["concept"] / "concept.safetensors"), random_weights=False,
-                        data=str(annotated), out=str(folder["condition"]), resolution=cfg.resolution,
-                        identifier=concept.identifier, seed=cfg.seed, device=device, resume="latest")
-    stages.append(Stage("condition", folder["condition"], condition, _call("train.condition", condition),
-                        [folder["condition"] / "control.safetensors", folder["condition"] / "base.safetensors"]))
-    synthesize = replace(cfg.synthesize, ckpt=str(folder["condition"] / "base.safetensors"),
-                         control=str(folder["condition"] / "control.safetensors"), random_weights=False,
-                         free=str(free), masks=str(annotated), out=str(folder["synthesize"]),
-                         resolution=cfg.resolution, seed=cfg.seed, device=device)
-    stages.append(Stage("synthesize", folder["synthesize"], synthesize, _call("sample.synthesize", synthesize),
-                        [folder["synthesize"] / "sadf.json"]))
+
+def _evaluate_stage(cfg: RunConfig, folder: dict[str, Path], splits: dict[str, Path], device: str,
+                    needed: set[str]) -> Stage:
+    """eval.paper on the held-out test split: Table 1 from the main generator, Table 2 from the small
+    one (Mask R-CNN's real data: the same small subset), Table 3 from the two m x k sample sets,
+    Table 4 from the small generator with and without the concept phase and the main one; every FID
+    against the training split."""
     extractor = "inception" if cfg.inception_weights else (cfg.feature_extractor or ("pixels" if cfg.demo else "inception"))
-    evaluate = replace(cfg.evaluate, data=str(annotated), synthetic=str(folder["synthesize"] / "sadf.json"),
-                       out=str(folder["evaluate"]), seed=cfg.seed, device=device,
-                       feature_extractor=extractor, inception_weights=cfg.inception_weights or None)
-    stages.append(Stage("evaluate", folder["evaluate"], evaluate, _call("eval.paper", evaluate),
-                        [folder["evaluate"] / "report.json"]))
-    return stages
+    sadf = {name: str(folder[name] / "sadf.json") for name in
+            ("synthesize", "synthesize_small", "diversity_ours", "diversity_inpaint", "synthesize_no_concept")}
+    has = lambda name: sadf[name] if name in needed else None  # noqa: E731
+    evaluate = replace(cfg.evaluate, data=str(splits["train"]), test=str(splits["test"]),
+                       data_small=str(splits["train_small"]), synthetic=sadf["synthesize"],
+                       synthetic_small=has("synthesize_small"), diversity_samples=has("diversity_ours"),
+                       baseline=has("diversity_inpaint"), synthetic_no_concept=has("synthesize_no_concept"),
+                       fid_reference=str(splits["train"]), real_fraction=cfg.small_fraction, tables=tuple(cfg.tables),
+                       out=str(folder["evaluate"]), seed=cfg.seed, device=device, feature_extractor=extractor,
+                       inception_weights=cfg.inception_weights or None)
+    return Stage("evaluate", folder["evaluate"], evaluate, _call("eval.paper", evaluate),
+                 [folder["evaluate"] / "report.json"])
 
 
 def _call(module: str, config: Any) -> Callable[[], Any]:

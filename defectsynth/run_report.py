@@ -117,6 +117,50 @@ def _class_image_grid(concept_dir: Path, path: Path, count: int = 16) -> Path | 
     return save_image_grid(torch.stack([image_to_tensor(read_image(f)) for f in files]), path)
 
 
+def protocol_section(cfg: RunConfig, out: Path, conf: dict[str, Any]) -> str:
+    """## Protocol: the split sizes and which data each generator saw (from OUT/splits.json and the
+    wired stage configs), and the extra generators' reduced demo steps."""
+    listing = _read_json(out / "splits.json") or {}
+    info = listing.get("info", {})
+    sizes = info.get("sizes", {})
+    lines = [f"The annotated set `{info.get('source')}` was split once, before anything trained "
+             f"(paper sections 4 and 5.1; by image, seed {info.get('seed')}, stratified by class; fractions "
+             f"{info.get('fractions')}, the equal val/test halves as the paper, the train share ours)"
+             + (f"; the test set is yours: `{info.get('test_source')}`" if cfg.test else "") + ":",
+             "", _table(["split", "images", "classes (ids)", "used by"], [
+                 ["train", str(sizes.get("train")), str(info.get("classes", {}).get("train")),
+                  "concept, condition, the synthesis mask bank, every Mask R-CNN training phase, FID's real set"],
+                 ["val", str(sizes.get("val")), str(info.get("classes", {}).get("val")),
+                  "the controls' validation drivers (adherence) only"],
+                 ["test", str(sizes.get("test")), str(info.get("classes", {}).get("test")),
+                  "every Mask R-CNN metric, nothing else"],
+                 ["train_small", str(sizes.get("train_small")), str(info.get("classes", {}).get("train_small")),
+                  f"the {cfg.small_fraction:.0%} generator and no-concept control, Table 2's real rows"]]),
+             "", f"File lists: `splits.json`; COCO subsets: `splits/`."]
+    extra = [name for name in ("concept_small", "condition_small", "condition_inpaint", "condition_no_concept")
+             if name in conf]
+    if extra:
+        rows = [[name, str(conf[name].steps), f"`{conf[name].data}`", getattr(conf[name], "condition", "—")]
+                for name in extra]
+        lines += ["", "The extra generators (Tables 2-4):", "", _table(["stage", "steps", "training data", "hint"], rows)]
+        if cfg.demo:
+            lines.append(f"\nDemo budget (ours): the extra generators train {cfg.concept_small.steps} concept steps "
+                         f"(the main concept: {conf['concept'].steps}) and {cfg.condition_extra.steps} control steps "
+                         f"(the main control: {conf['condition'].steps}), validating only at the end, to fit the "
+                         f"15-minute CPU budget; they are weaker than the main generator for that reason alone, "
+                         f"so Tables 2-4 compare generators of unequal training, not only of unequal data.")
+    return "## Protocol: splits and generators\n\n" + "\n".join(lines)
+
+
+def write_run_json(out: Path, cfg: RunConfig, evaluation: dict[str, Any], folder: dict[str, Path]) -> None:
+    """OUT/report.json: the splits and every table with its per-row provenance (from eval.paper)."""
+    from data.files import write_json_atomic
+    from eval.report import json_ready
+    write_json_atomic(out / "report.json", json_ready({
+        "splits": (_read_json(out / "splits.json") or {}).get("info"), "tables_requested": list(cfg.tables),
+        "tables": evaluation.get("tables", {}), "evaluation": str(folder["evaluate"] / "report.json")}), indent=1)
+
+
 def write_report(cfg: RunConfig, stages: list[Stage], out: Path, threads: int, seconds: float,
                  markers: dict[str, Path]) -> Path:
     """OUT/report.md: what ran, per-stage times, each stage's results and pictures, the evaluation
@@ -139,6 +183,8 @@ def write_report(cfg: RunConfig, stages: list[Stage], out: Path, threads: int, s
         f"\n\nWall time of this call (stages it skipped not counted): {seconds:.1f} s. CPU s counts all threads of the process; peak RSS is each "
         f"stage's own peak (Linux VmHWM, reset per stage); load avg is the machine's 1-minute load when the stage "
         f"ended (other jobs slow the stages down). Per-attempt log: `run_log.jsonl`.")
+
+    parts.append(protocol_section(cfg, out, conf))
 
     # Prior.
     if "prior" in folder:
@@ -242,7 +288,8 @@ def write_report(cfg: RunConfig, stages: list[Stage], out: Path, threads: int, s
     body = body.split("\n", 1)[1].strip() if body.startswith("# ") else body
     body = body.replace("\n## ", "\n### ")
     ev = conf["evaluate"]
-    lines = [f"eval.paper on the held-out {ev.test_fraction:.0%} of the annotated set: Mask R-CNN "
+    lines = [f"eval.paper: every Mask R-CNN metric on the held-out test split `{ev.test}` (never seen by a "
+             f"generator or a Mask R-CNN training phase); Mask R-CNN "
              f"{ev.iterations} iteration(s) per training phase at {ev.min_size} px, "
              + ("from scratch" if not ev.init_weights else f"initialised from {ev.init_weights}") + "; "
              + ("FID with the Inception weights." if ev.feature_extractor == "inception" else
@@ -267,9 +314,8 @@ def write_report(cfg: RunConfig, stages: list[Stage], out: Path, threads: int, s
     if ev.feature_extractor == "inception-random":
         notes.append("FD-inception-random uses the FID network with seeded random weights: a distance between "
                      "random convolutional features, not FID and not comparable with FID numbers.")
-    notes.append("Table 3's inpainting baseline and Table 4's no-concept ablation need two more trained controls "
-                 "and syntheses, which `defectsynth run` does not make; their rows say \"not run\".")
     parts.append("## Evaluation\n\n" + "\n".join(lines))
+    write_run_json(out, cfg, report, folder)
 
     parts.append("## What the numbers mean\n\n" + "\n".join(f"- {n}" for n in notes))
     parts.append("## Files\n\n" + "\n".join(f"- `{s.folder.relative_to(out)}/`: {s.name}" for s in stages)

@@ -216,6 +216,34 @@ def test_split_is_seeded_stratified_and_complete(tmp_path):
         split_coco(coco, [0.5, 0.3])
 
 
+def test_split_every_class_and_small_subset(tmp_path):
+    """defectsynth run's protocol split: exact sizes, disjoint, every class in every split even when
+    a rare class would miss one by proportion; the small subset is ceil(f x n) with every class."""
+    from data.coco import split_every_class, subset_with_every_class
+
+    coco, _ = make_dataset(tmp_path, np.random.default_rng(5), num_images=40, per_image=1)
+    coco["categories"].append({"id": 3, "name": "rare"})
+    for ann in coco["annotations"][:3]:  # 3 of 40 images: a proportional 10% split would miss it
+        ann["category_id"] = 3
+    for seed in range(4):
+        parts = split_every_class(coco, [0.8, 0.1, 0.1], seed=seed, names=["train", "val", "test"])
+        assert [len(parts[n]["images"]) for n in ("train", "val", "test")] == [32, 4, 4]
+        ids = [img["id"] for p in parts.values() for img in p["images"]]
+        assert sorted(ids) == sorted(img["id"] for img in coco["images"])
+        for name, part in parts.items():
+            assert {a["category_id"] for a in part["annotations"]} == {1, 2, 3}, (seed, name)
+        small = subset_with_every_class(parts["train"], 0.1, seed=seed)
+        assert len(small["images"]) == 4  # ceil(0.1 x 32)
+        assert {a["category_id"] for a in small["annotations"]} == {a["category_id"] for a in parts["train"]["annotations"]}
+        assert {img["id"] for img in small["images"]} <= {img["id"] for img in parts["train"]["images"]}
+    assert split_every_class(coco, [0.8, 0.1, 0.1], seed=0) == split_every_class(coco, [0.8, 0.1, 0.1], seed=0)
+    # one image of a new class: it cannot be in every split, and nothing breaks
+    coco["annotations"][0]["category_id"] = 4
+    coco["categories"].append({"id": 4, "name": "single"})
+    parts = split_every_class(coco, [0.8, 0.1, 0.1], seed=0)
+    assert sum(len(p["images"]) for p in parts.values()) == 40
+
+
 def test_stats(tmp_path):
     coco, masks = make_dataset(tmp_path, np.random.default_rng(6), num_images=3)
     coco["images"].append({"id": 9, "file_name": coco["images"][0]["file_name"], "height": 24, "width": 32})

@@ -66,7 +66,8 @@ def test_missing_inputs_are_written_as_not_run(inputs, tmp_path):
 @pytest.mark.slow
 def test_all_four_tables_end_to_end(inputs, tmp_path):
     cfg = PaperConfig(data=str(inputs["real"]), synthetic=str(inputs["synthetic"]), baseline=str(inputs["baseline"]),
-                      synthetic_no_concept=str(inputs["no_concept"]), out=str(tmp_path / "report"),
+                      synthetic_small=str(inputs["baseline"]), synthetic_no_concept=str(inputs["no_concept"]),
+                      out=str(tmp_path / "report"),
                       real_fraction=0.5, iterations=1, batch_size=1, min_size=64, max_size=64, rois_per_image=32,
                       detections_per_image=10, test_fraction=0.34, feature_extractor="pixels", kid_subsets=5,
                       conditions=2, per_condition=2, diversity_size=32, progress=False)
@@ -80,12 +81,24 @@ def test_all_four_tables_end_to_end(inputs, tmp_path):
     t1 = report["tables"]["1"]["rows"]
     assert [r["training data"] for r in t1] == ["synthetic", "real (100% real)", "synthetic+real (100% real)"]
     assert all(0 <= r["entry"]["mean"]["segm_map"] <= 1 for r in t1)
-    assert report["tables"]["2"]["rows"][1]["training data"] == "real (50% real)"
+    t2 = report["tables"]["2"]["rows"]
+    assert t2[1]["training data"] == "real (50% real)"
+    # provenance: Table 1's synthetic rows name --synthetic, Table 2's --synthetic-small; one test set
+    assert t1[0]["provenance"]["synthetic"]["set"] == str(inputs["synthetic"])
+    assert t2[0]["provenance"]["synthetic"]["set"] == t2[2]["provenance"]["synthetic"]["set"] == str(inputs["baseline"])
+    test_sets = {r["provenance"]["test_set"]["set"] for r in t1 + t2}
+    assert test_sets == {str(out / "splits" / "real_test.json")}
+    small = json.loads((out / "splits" / "real_small.json").read_text())["images"]
+    assert t2[1]["provenance"]["maskrcnn_training"][0]["images"] == len(small) == 2  # ceil(0.5 x 4)
+    test_names = {im["file_name"] for im in json.loads((out / "splits" / "real_test.json").read_text())["images"]}
+    assert not test_names & {im["file_name"] for im in small}
     t3 = report["tables"]["3"]["rows"]
     assert t3[0]["entry"]["distance"]["label"] == "FD-pixels" and t3[0]["entry"]["distance"]["n_fake"] == 4
     assert t3[1]["entry"]["conditions"] == 2
     t4 = report["tables"]["4"]["rows"]
-    assert t4[1]["entry"]["n_fake"] == 4 and t4[0]["entry"]["n_fake"] == 6
+    assert [r["entry"]["n_fake"] for r in t4] == [6, 4, 6]
+    assert [r["source"] for r in t4] == [str(inputs["baseline"]), str(inputs["no_concept"]), str(inputs["synthetic"])]
+    assert "Where these numbers come from" in (out / "table4.md").read_text()
     text = (out / "report.md").read_text()
     assert "FD-pixels ↓" in text and "KD-pixels ↓" in text and "FID ↓" not in text  # never passed off as FID
     assert "| 0.06 | 0.12 | 80.6 | 0.29 |" in text  # the paper's reference columns

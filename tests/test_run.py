@@ -4,7 +4,9 @@ without redoing finished stages, the changed-config refusal, and the config file
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 import defectsynth.run as run
+from data.coco import load_coco
 from data.demo import DemoConfig
 from defectsynth.runconfig import load_config_json
 from eval.paper import PaperConfig
@@ -80,6 +83,65 @@ def check_outputs(out: Path) -> None:
         assert text in report, text
 
 
+def names_of(path: Path) -> set[str]:
+    """Absolute image paths of a COCO json (as the stages resolve them)."""
+    return {Path(im["file_name"]).name for im in load_coco(path, check_images=False, progress=False)["images"]}
+
+
+def check_protocol(out: Path) -> None:
+    """Issue 13's acceptance: the held-out test images reach no generator, no mask bank and no Mask
+    R-CNN training phase; metrics are on test only; the 10% generator; provenance in the report."""
+    splits = {name: names_of(out / "splits" / f"{name}.json") for name in ("train", "val", "test", "train_small")}
+    listing = json.loads((out / "splits.json").read_text())
+    every = names_of(out / "data" / "annotations.json")
+    assert {Path(n).name for n in listing["test"]} == splits["test"] and splits["test"]
+    assert splits["train"] | splits["val"] | splits["test"] == every
+    assert not (splits["train"] & splits["test"]) and not (splits["val"] & splits["test"])
+    assert not (splits["train"] & splits["val"])
+    classes = {n: listing["info"]["classes"][n] for n in ("train", "val", "test", "train_small")}
+    assert all(c == [1, 2, 3] for c in classes.values()), classes  # every class in every split
+    # ceil(0.1 x |train|) images, here grown to one per class (test_data_coco checks the ceil on 40 images)
+    assert math.ceil(0.1 * len(splits["train"])) <= len(splits["train_small"]) <= 3
+    assert splits["train_small"] <= splits["train"]
+
+    # The generators' training data, as each stage recorded it in its config.json.
+    for stage, split in (("concept", "train"), ("condition", "train"), ("concept_small", "train_small"),
+                         ("condition_small", "train_small"), ("condition_inpaint", "train"),
+                         ("condition_no_concept", "train_small")):
+        used = json.loads((out / stage / "config.json").read_text())["data"]
+        assert names_of(Path(used)) == splits[split] and not names_of(Path(used)) & splits["test"], stage
+    # The mask banks: every synthetic image's records name their mask sources.
+    for folder, split in (("sadf", "train"), ("sadf_small", "train_small"), ("diversity/ours", "train"),
+                          ("diversity/inpaint", "train"), ("sadf_no_concept", "train_small")):
+        records = [json.loads(line) for f in sorted((out / folder / "records").glob("*.jsonl"))
+                   for line in f.read_text().splitlines()]
+        sources = {Path(s["file_name"]).name for r in records for s in r["mask_sources"]}
+        assert records and sources and sources <= splits[split], folder
+    # Every Mask R-CNN training phase: real phases on train (or the small subset), synthetic on SADF.
+    annotated = load_coco(out / "data" / "annotations.json", check_images=False, progress=False)
+    name_of = {im["id"]: Path(im["file_name"]).name for im in annotated["images"]}
+    phases = sorted((out / "eval" / "maskrcnn").glob("table*/*/train.json"))
+    assert len(phases) == 6
+    for phase in phases:
+        signature = json.loads(phase.read_text())["signature"]
+        evaluation = json.loads((phase.parent / "eval.json").read_text())
+        assert evaluation["n_test_images"] == len(splits["test"])  # metrics on the test split
+        if phase.parent.name.startswith("real"):
+            used = {name_of[i] for i in signature["image_ids"]}
+            assert used == splits["train" if "table1" in str(phase) else "train_small"], phase
+    # Table 1's synthetic rows come from the main control, Table 2's from the 10% control.
+    report = json.loads((out / "report.json").read_text())
+    for table, stage in (("1", "condition"), ("2", "condition_small")):
+        digest = hashlib.sha256((out / stage / "control.safetensors").read_bytes()).hexdigest()
+        for row in report["tables"][table]["rows"]:
+            if row["training data"] != f"real ({'100%' if table == '1' else '10%'} real)":
+                assert row["provenance"]["synthetic"]["generator"]["control_sha256"] == digest, (table, row)
+    text = (out / "report.md").read_text()
+    for t in "1234":
+        section = text.split(f"### Table {t}:")[1].split("### Table")[0].split("\n## ")[0]
+        assert "not run" not in section and "Where these numbers come from" in section and "splits/" in section, t
+
+
 @pytest.mark.slow
 def test_run_end_to_end_and_resume(tmp_path, monkeypatch):
     out = tmp_path / "run"
@@ -87,7 +149,7 @@ def test_run_end_to_end_and_resume(tmp_path, monkeypatch):
 
     # 1. Stop after the concept stage (as if the run had been killed between stages).
     first = run.main(dataclasses.replace(cfg, stop_after="concept"))
-    assert first.ran == ["data", "prior", "concept"] and first.stopped_after == "concept"
+    assert first.ran == ["data", "split", "prior", "concept"] and first.stopped_after == "concept"
     assert first.report is None and not (out / "sadf").exists()
     finished = marker_times(out)
 
@@ -105,14 +167,15 @@ def test_run_end_to_end_and_resume(tmp_path, monkeypatch):
 
     # 3. The rerun finishes, redoing nothing that was finished.
     done = run.main(cfg)
-    assert done.skipped == ["data", "prior", "concept", "condition"]
-    assert done.ran == ["synthesize", "evaluate"] and done.report == out / "report.md"
+    assert done.skipped == ["data", "split", "prior", "concept", "condition"]
+    assert done.ran == list(run.STAGES[5:]) and done.report == out / "report.md"
     assert all(marker_times(out)[k] == t for k, t in finished.items())
     log = [json.loads(line) for line in (out / "run_log.jsonl").read_text().splitlines()]
     ran = [r["stage"] for r in log if r["event"] == "ran"]
     assert sorted(ran) == sorted(run.STAGES)  # every stage ran exactly once
     assert [r["stage"] for r in log if r["event"] == "failed"] == ["synthesize"]
     check_outputs(out)
+    check_protocol(out)
 
     # 4. Nothing left to do; a changed finished stage is refused, naming the setting.
     again = run.main(cfg)
@@ -130,9 +193,10 @@ def test_run_end_to_end_and_resume(tmp_path, monkeypatch):
     real_out = tmp_path / "real"
     real = dataclasses.replace(cfg, out=str(real_out), resolution=0, ckpt=str(out / "prior" / "prior.safetensors"),
                                data=str(out / "data" / "annotations.json"), free=str(out / "data" / "free"),
-                               evaluate=dataclasses.replace(cfg.evaluate, tables=("3", "4")))
+                               tables=("3",))
     result = run.main(real)
-    assert result.ran == ["concept", "condition", "synthesize", "evaluate"]
+    assert result.ran == ["split", "concept", "condition", "synthesize", "condition_inpaint", "diversity_ours",
+                          "diversity_inpaint", "evaluate"]
     sadf = json.loads((real_out / "sadf" / "sadf.json").read_text())
     assert len(sadf["images"]) == 3 * 2 and {im["height"] for im in sadf["images"]} == {64}
     assert "embedded demo" not in (real_out / "report.md").read_text()
@@ -152,10 +216,28 @@ def test_flags_config_file_and_modes(tmp_path):
     real = run.resolve_run_config(run.RunConfig(out=str(tmp_path / "r"), ckpt="sd.safetensors", data="d.json",
                                                 free="free/"))
     assert real.concept == ConceptConfig() and real.condition == ConditionConfig() and real.resolution == 0
-    stages = run.plan(real)
-    assert [s.name for s in stages] == ["concept", "condition", "synthesize", "evaluate"]
-    assert stages[0].config.ckpt == "sd.safetensors" and stages[0].config.resume == "latest"
-    assert stages[2].config.free == "free" and stages[3].config.feature_extractor == "inception"
+    stages = {s.name: s for s in run.plan(real)}
+    assert list(stages) == [s for s in run.STAGES if s not in ("data", "prior")]
+    assert stages["concept"].config.ckpt == "sd.safetensors" and stages["concept"].config.resume == "latest"
+    assert stages["synthesize"].config.free == "free" and stages["evaluate"].config.feature_extractor == "inception"
+    assert stages["split"].config.data == "d.json" and stages["split"].config.fractions == (0.8, 0.1, 0.1)
+    train, small = str(tmp_path / "r" / "splits" / "train.json"), str(tmp_path / "r" / "splits" / "train_small.json")
+    assert stages["concept"].config.data == stages["condition"].config.data == train
+    assert stages["synthesize"].config.masks == train and stages["evaluate"].config.data == train
+    assert stages["evaluate"].config.test == str(tmp_path / "r" / "splits" / "test.json")
+    assert stages["concept_small"].config.data == stages["condition_small"].config.data == small
+    assert stages["concept_small"].config.steps == real.concept.steps  # real mode: the main settings
+    assert stages["condition_no_concept"].config.ckpt == "sd.safetensors"
+    assert stages["condition_inpaint"].config.condition == "inpaint"
+    assert stages["condition_inpaint"].config.ckpt == stages["condition"].config.ckpt
+    # --tables picks the stages; --test replaces the test split.
+    only = run.plan(run.resolve_run_config(dataclasses.replace(real, tables=("1",), test="t.json")))
+    assert [s.name for s in only] == ["split", "concept", "condition", "synthesize", "evaluate"]
+    assert only[0].config.test == "t.json" and only[-1].config.tables == ("1",)
+    with pytest.raises(ValueError, match="--tables"):
+        run.resolve_run_config(dataclasses.replace(real, tables=("5",)))
+    with pytest.raises(ValueError, match="--split"):
+        run.resolve_run_config(dataclasses.replace(real, split=(0.8, 0.2)))
     with pytest.raises(ValueError, match="--free"):
         run.resolve_run_config(run.RunConfig(ckpt="sd.safetensors", data="d.json"))
 
@@ -168,6 +250,9 @@ def test_flags_config_file_and_modes(tmp_path):
     assert names["synthesize"].config.control == str(tmp_path / "d" / "condition" / "control.safetensors")
     assert names["prior"].config.caption == "an image of a metal surface"
     assert names["evaluate"].config.feature_extractor == "pixels"
+    demo_cfg = run.resolve_run_config(run.RunConfig())
+    assert names["concept_small"].config.steps == round(demo_cfg.concept.steps * run.DEMO_EXTRA_STEPS["concept"])
+    assert names["concept_small"].config.class_dir == str(tmp_path / "d" / "concept" / "class_images")
 
 
 def test_threads_auto():
