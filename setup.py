@@ -26,8 +26,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # Test-only: pytest and the reference implementations our parity tests compare against.
-        "test": ["pytest", "diffusers", "transformers", "scipy"],
+        # Test-only: pytest and the reference implementations our parity tests compare against
+        # (pytorch-fid: the FID Inception; its weights are never fetched by the tests).
+        "test": ["pytest", "diffusers", "transformers", "scipy", "pytorch-fid"],
     },
     entry_points={"console_scripts": ["defectsynth = defectsynth.cli:main"]},
 )
