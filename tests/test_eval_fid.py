@@ -183,6 +183,26 @@ def test_inception_forward_matches_torchvision_reference_and_loads_strictly(tmp_
         build_fid_inception(path)
 
 
+def test_inception_features_match_pytorch_fid(monkeypatch):
+    """pytorch-fid (test-only oracle, the reference FID implementation) builds its InceptionV3 with
+    the same state dict as ours: the same pool3 features. Its weight download is replaced by our
+    random state dict, so nothing is fetched; tolerance as above (summation order over 2048 x 8 x 8)."""
+    from pytorch_fid import inception as pytorch_fid_inception
+
+    ours = build_fid_inception(random_init_seed=1)
+    state = ours.state_dict()
+    fetched = []
+    monkeypatch.setattr(pytorch_fid_inception, "load_state_dict_from_url",
+                        lambda url, *args, **kwargs: fetched.append(url) or state)
+    reference = pytorch_fid_inception.InceptionV3([pytorch_fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+    assert fetched and fetched[0].endswith(INCEPTION_FILE_NAME)  # it asked for the published file
+    x = torch.rand(2, 3, 96, 128, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got, want = ours(x), reference(x)[0].flatten(1)  # (B, 2048, 1, 1) -> (B, 2048)
+    assert got.shape == want.shape == (2, 2048) and want.abs().max() > 0
+    assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item()
+
+
 def test_missing_weights_message_names_the_file(tmp_path, monkeypatch, capsys):
     with pytest.raises(InceptionWeightsNotFound) as err:
         find_inception_weights(tmp_path / "nowhere.pth")
