@@ -307,8 +307,8 @@ def test_two_process_cpu_ddp_keeps_replicas_identical(demo_data, class_dir, tmp_
     script = tmp_path / "driver.py"
     script.write_text(DDP_DRIVER.format(root=str(ROOT), cfg=cfg))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", str(script)],
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     from safetensors.torch import load_file
