@@ -272,6 +272,35 @@ BENCHMARKS["synth"] = (bench_synth, "SADF synthesis images/s (tiny on CPU, SD 1.
 
 
 # ----------------------------------------------------------------------------------------------
+# demo-data: the procedural demo dataset (no reference to compare with)
+# ----------------------------------------------------------------------------------------------
+
+def bench_demo_data(cfg: SpeedConfig) -> dict:
+    """data.demo at its default size (24 defective + 24 defect-free 512 px images and their COCO
+    files): what the quick start spends before any network runs. Timed here rather than asserted in
+    a test, where a loaded machine would fail it. E.g. python -m eval.speed demo-data --repeats 3"""
+    from pathlib import Path
+
+    from data.demo import DemoConfig, make_demo_dataset
+
+    with tempfile.TemporaryDirectory() as folder:
+        builds = [0]
+
+        def build() -> None:
+            builds[0] += 1
+            make_demo_dataset(DemoConfig(out=str(Path(folder) / f"demo{builds[0]}"), seed=cfg.seed), progress=False)
+
+        ms = median_ms({"demo": build}, "cpu", cfg.warmup, cfg.repeats, cfg.clock)
+    result = {"benchmark": "demo-data", "clock": cfg.clock, "repeats": cfg.repeats, "demo_ms": ms["demo"]}
+    print(f"demo-data: the default demo dataset (24 + 24 images, 512 px) in {ms['demo'] / 1000:.2f} s "
+          f"({cfg.clock} time, median of {cfg.repeats} builds)")
+    return result
+
+
+BENCHMARKS["demo-data"] = (bench_demo_data, "time to build the default procedural demo dataset (data.demo)")
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
 

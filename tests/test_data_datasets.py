@@ -1,6 +1,4 @@
 """data.datasets (concept + condition phases) and data.demo."""
-import time
-
 import cv2
 import numpy as np
 import pytest
@@ -23,10 +21,10 @@ def demo(tmp_path_factory):
     return out
 
 
-def test_demo_is_deterministic_fast_and_valid(tmp_path):
-    start = time.perf_counter()
+def test_demo_is_deterministic_and_valid(tmp_path):
+    # Its build time is a benchmark (python -m eval.speed demo-data), not an assertion: a loaded
+    # machine would fail a wall-clock bound.
     a, free = make_demo_dataset(DemoConfig(out=str(tmp_path / "a"), seed=3), progress=False)
-    assert time.perf_counter() - start < 10
     b, _ = make_demo_dataset(DemoConfig(out=str(tmp_path / "b"), seed=3), progress=False)
     assert [x["segmentation"] for x in a["annotations"]] == [x["segmentation"] for x in b["annotations"]]
     assert (tmp_path / "a" / "images" / "defect_0005.png").read_bytes() == (tmp_path / "b" / "images" / "defect_0005.png").read_bytes()

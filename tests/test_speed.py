@@ -58,7 +58,7 @@ def test_unet_tiny_parity_and_results_file(tmp_path):
     second = run_eval_speed(["unet-tiny", "--batch", "1", *TINY, "--results", str(results)])
     assert first["benchmark"] == "unet-tiny" and first["batch"] == 2
     assert finite_positive(first["ours_ms"], first["reference_ms"], first["ratio"])
-    assert first["max_abs_diff"] < 1e-5  # the DESIGN.md tiny-config parity tolerance
+    assert first["max_abs_diff"] < 1e-5  # the tiny-config parity tolerance (docs/testing.md)
     assert read_results(results) == [first, second]  # appended, one line per run
 
 
@@ -75,6 +75,11 @@ def test_synth_tiny(tmp_path):
     assert finite_positive(result["ours_images_per_s"], result["ours_generate_images_per_s"],
                            result["reference_images_per_s"], result["throughput_ratio"])
     assert result["max_abs_image_diff"] < 1e-4
+
+
+def test_demo_data_build_is_timed():
+    result = run_eval_speed(["demo-data", "--repeats", "1", "--warmup", "0", "--clock", "process"])
+    assert result["benchmark"] == "demo-data" and finite_positive(result["demo_ms"])
 
 
 def test_options_are_checked():
