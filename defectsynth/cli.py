@@ -10,6 +10,7 @@ import importlib
 import sys
 
 from defectsynth.errors import command
+from defectsynth.runconfig import invoked_as
 
 # stage name -> (module, one-line summary). Modules are imported only when their stage runs.
 STAGES: dict[str, tuple[str, str]] = {
@@ -31,7 +32,8 @@ STAGES: dict[str, tuple[str, str]] = {
 
 def usage() -> str:
     width = max(len(name) for name in STAGES)
-    lines = ["usage: defectsynth <stage> [options]   (defectsynth <stage> --help for its options)", "",
+    lines = ["usage: defectsynth <stage> [options]   (defectsynth <stage> --help for its options)",
+             "       defectsynth --version", "",
              "stages:"]
     lines += [f"  {name.ljust(width)}  {summary}" for name, (_, summary) in STAGES.items()]
     return "\n".join(lines)
@@ -42,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
+    if argv[0] in ("-V", "--version"):
+        from defectsynth.provenance import version_line
+        print(version_line())
+        return 0
     stage, rest = argv[0], argv[1:]
     if stage not in STAGES:
         print(f"defectsynth: unknown stage {stage!r}; expected one of {', '.join(STAGES)} "
@@ -50,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(STAGES[stage][0])
     # Each stage's cli is wrapped by defectsynth.errors.command: an expected error (bad flag,
     # file, data, full disk) is one line on stderr and exit 2; a bug keeps its traceback.
-    result = command(stage)(module.cli)(rest)
+    with invoked_as(f"defectsynth {stage}"):  # --help and errors say `defectsynth <stage>`
+        result = command(stage)(module.cli)(rest)
     return int(result or 0)
 
 

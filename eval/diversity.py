@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from tqdm import tqdm
 from data.coco import load_coco
 from data.images import list_images, read_image
 from defectsynth.errors import UserError, command
+from defectsynth.device import DEVICE_HELP, resolve_device
 from defectsynth.runconfig import config_from_args, parser_from_dataclass
 
 CONDITION_KEYS = ("condition_id", "pair_id", "driver_id")
@@ -157,7 +158,7 @@ class DiversityConfig:
     feature_extractor: str = field(default="inception", metadata={"help": "see eval.fid"})
     inception_weights: str | None = field(default=None, metadata={"help": "see eval.fid"})
     kid: bool = field(default=True, metadata={"help": "also KID"})
-    device: str = field(default="cpu", metadata={"help": "torch device for features"})
+    device: str = field(default="auto", metadata={"help": f"torch device for features: {DEVICE_HELP}"})
     out: str | None = field(default=None, metadata={"help": "write the result as JSON here"})
 
 
@@ -170,6 +171,7 @@ def run_diversity(samples: str, conditions: int = 10, per_condition: int = 10, s
 
 
 def main(cfg: DiversityConfig) -> dict[str, Any]:
+    cfg = replace(cfg, device=str(resolve_device(cfg.device)))  # "auto" -> cuda if available, else cpu
     if not cfg.samples:
         raise UserError("eval.diversity: --samples is required")
     result, paths = run_diversity(cfg.samples, cfg.conditions, cfg.per_condition, cfg.size, cfg.bins, cfg.seed)

@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import sys
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from defectsynth.errors import command
+from defectsynth.device import DEVICE_HELP, resolve_device
 from defectsynth.runconfig import config_from_args, parser_from_dataclass
 
 
@@ -177,7 +178,7 @@ class FidConfig:
     feature_extractor: str = field(default="inception", metadata={
         "help": "inception (FID) | inception-random | pixels | package.module:factory (labelled FD-<name>)"})
     batch_size: int = field(default=50, metadata={"help": "images per forward pass"})
-    device: str = field(default="cpu", metadata={"help": "torch device"})
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
     seed: int = field(default=0, metadata={"help": "KID subsets and random extractors"})
     out: str | None = field(default=None, metadata={"help": "write the result as JSON here"})
 
@@ -199,6 +200,7 @@ def compute_distance(real: str, fake: str, extractor, kid: bool = False, batch_s
 
 
 def main(cfg: FidConfig) -> DistanceResult:
+    cfg = replace(cfg, device=str(resolve_device(cfg.device)))  # "auto" -> cuda if available, else cpu
     from eval.features import build_extractor
 
     extractor = build_extractor(cfg.feature_extractor, cfg.inception_weights, cfg.device, cfg.seed)

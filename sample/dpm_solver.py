@@ -22,6 +22,10 @@ final_sigmas_type="zero", the default. That last step is first order (with sigma
 x = D, the last data prediction; a second-order step is undefined there since h = inf), which is
 what diffusers' `lower_order_final` does; the first step is first order because no history exists
 yet. Every step in between is 2M. The default SD spacing is `dpm_solver_timesteps` ("linspace").
+
+"DPM++ 2M Karras" (`sample_dpm_solver_karras`) is the same solver over the Karras et al. 2022
+noise levels (sample/sigmas.py: `karras_levels`): alpha, sigma and lambda come from those levels,
+the network sees their rounded timesteps (diffusers' use_karras_sigmas=True).
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from model.schedule import NoiseSchedule
+from sample.sigmas import alpha_bar_of, karras_levels
 from sample.timesteps import check_timesteps
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -50,8 +55,37 @@ def sample_dpm_solver(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedu
     Returns x_0 latents (B, C, h, w), same dtype and device as x.
     """
     ts = check_timesteps(timesteps, schedule.num_train_timesteps)
-    # (alpha, sigma, lambda) per visited step in float64, then the final clean point sigma = 0.
     alpha_bars = [schedule.alphas_cumprod[t].item() for t in ts]
+    return _dpm_solver_2m(denoiser, x, ts, alpha_bars, off_table=False, progress=progress)
+
+
+@torch.no_grad()
+def sample_dpm_solver_karras(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedule,
+                             timesteps: Sequence[int] | torch.Tensor, *,
+                             generators: Sequence[torch.Generator] | None = None,
+                             progress: bool = False) -> torch.Tensor:
+    """DPM-Solver++(2M) on the Karras spacing ("DPM++ 2M Karras"): the same solver over the noise
+    levels of `karras_levels(len(timesteps))` (sample/sigmas.py), as diffusers'
+    DPMSolverMultistepScheduler(use_karras_sigmas=True). Only the number of `timesteps` counts.
+
+    denoiser: (x, t (B,) long, alpha_bar=(B,) float64) -> eps; the network sees the rounded t,
+    the solver and the eps/v conversion use the Karras level alpha_bar = 1 / (1 + sigma^2).
+    """
+    ts, level_sigmas = karras_levels(len(timesteps), schedule)
+    alpha_bars = [alpha_bar_of(sigma) for sigma in level_sigmas[:-1]]
+    return _dpm_solver_2m(denoiser, x, ts, alpha_bars, off_table=True, progress=progress)
+
+
+def karras_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """The (rounded) timesteps the network sees on the Karras spacing (may repeat near 0)."""
+    return karras_levels(num_steps, NoiseSchedule(num_train_timesteps))[0]
+
+
+def _dpm_solver_2m(denoiser: Denoiser, x: torch.Tensor, ts: list[int], alpha_bars: list[float], *,
+                   off_table: bool, progress: bool) -> torch.Tensor:
+    """The 2M loop over levels alpha_bars[i] at network timesteps ts[i], then to sigma = 0.
+    off_table: the levels are not the table's at ts, so the denoiser gets alpha_bar= too."""
+    # (alpha, sigma, lambda) per visited step in float64, then the final clean point sigma = 0.
     alphas = [math.sqrt(ab) for ab in alpha_bars] + [1.0]
     sigmas = [math.sqrt(1.0 - ab) for ab in alpha_bars] + [0.0]
     lams = [math.log(a) - math.log(s) for a, s in zip(alphas[:-1], sigmas[:-1])] + [math.inf]
@@ -59,7 +93,11 @@ def sample_dpm_solver(denoiser: Denoiser, x: torch.Tensor, schedule: NoiseSchedu
     x0_prev, h_prev = None, None  # D_{i-2} and h_{i-1}: the multistep history
     for i, t in enumerate(tqdm(ts, desc="DPM-Solver++(2M)", disable=not progress)):
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        x0_hat = schedule.predict_x0(x, t_batch, denoiser(x, t_batch))
+        if off_table:
+            eps = denoiser(x, t_batch, alpha_bar=torch.full((x.shape[0],), alpha_bars[i], dtype=torch.float64))
+        else:
+            eps = denoiser(x, t_batch)
+        x0_hat = (x - sigmas[i] * eps) / alphas[i]  # DDPM eq. 15 at this level
         if i == len(ts) - 1:
             x = x0_hat  # first-order step to sigma = 0: sigma ratio 0, alpha (1 - e^{-inf}) = 1
             break

@@ -1,7 +1,7 @@
 """Text-to-image and driver-to-image generation from the command line.
 
     python -m sample.generate --ckpt weights/checkpoints/v1-5-pruned-emaonly.safetensors \\
-        --prompt "an image of a sks" --num 8 --batch 4 --out runs/generate
+        --prompt "an image of a sks" --num 8 --batch-size 4 --out runs/generate
     python -m sample.generate --ckpt runs/concept/concept.safetensors --prompt "an image of a sks with a crack" \\
         --control runs/condition/control.safetensors --hint driver.png --control-scale 1.0 --out runs/driven
     python -m sample.generate --preset tiny --random-weights --prompt "test" --out /tmp/smoke   # no checkpoint
@@ -12,10 +12,10 @@ Writes, in OUT:
     generate.json                 the resolved run config and every sample's seed
 
 Sample i is drawn from the seed derive_seed(--seed, "sample", i) with its own generator, so its
-randomness is the same whatever `--batch` is. The networks' kernels still depend on the batch size
+randomness is the same whatever `--batch-size` is. The networks' kernels still depend on the batch size
 in the last float bits (a rare pixel may move by one level); `--batch-invariant` runs the networks
-one sample at a time so every image is bit-identical for any `--batch`. The model runs on `--device` in `--dtype`
-(auto: bf16 on CUDA, fp32 on CPU); the sampler maths stays float32.
+one sample at a time so every image is bit-identical for any `--batch-size`. The model runs on `--device` in `--dtype`
+(auto: bf16 on CUDA and on CPUs with native bf16, else fp32); the sampler maths stays float32.
 """
 from __future__ import annotations
 
@@ -28,13 +28,14 @@ import torch
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from data.files import write_image_atomic, write_json_atomic
+from data.files import encode_image, write_bytes_atomic, write_image_atomic, write_json_atomic
 from data.images import read_image
 from data.seeding import derive_seed
 from defectsynth.errors import UserError, command
 from defectsynth.runconfig import config_from_args, config_to_dict, parser_from_dataclass
 from model.stable_diffusion import PRESETS
 from sample.pipeline import SAMPLERS, generate, random_pipeline
+from sample.png_info import A1111_SAMPLER_NAMES, a1111_parameters, add_text_chunk, model_hash
 from sample.runtime import DTYPES, dtype_name, resolve_device, resolve_dtype, to_uint8
 from weights import load_control, load_pipeline
 
@@ -55,10 +56,13 @@ class GenerateConfig:
     prompt: str = field(default="", metadata={"help": "text prompt"})
     negative_prompt: str = field(default="", metadata={"help": "unconditional prompt of classifier-free guidance"})
     num: int = field(default=4, metadata={"help": "images to generate"})
-    batch: int = field(default=4, metadata={"help": "images per forward pass"})
+    batch: int = field(default=4, metadata={"help": "images per forward pass", "flag": "batch_size",
+                                            "formerly": ("batch",)})
     batch_invariant: bool = field(default=False, metadata={
-        "help": "run the networks one sample at a time: bit-identical images for any --batch (slower)"})
+        "help": "run the networks one sample at a time: bit-identical images for any --batch-size (slower)"})
     seed: int = field(default=0, metadata={"help": "run seed; sample i uses derive_seed(seed, 'sample', i)"})
+    seeds: tuple[int, ...] = field(default=(), metadata={
+        "help": "explicit seeds, one image each (replaces --num and the derivation from --seed): --seeds 1 2 3"})
     height: int = field(default=0, metadata={"help": "image height in pixels, a multiple of 64 "
                                                      "(0: the hint's, else the model's native size)"})
     width: int = field(default=0, metadata={"help": "image width in pixels (0: as --height)"})
@@ -71,14 +75,21 @@ class GenerateConfig:
     control: str = field(default="", metadata={"help": "ControlNet file or diffusers ControlNetModel folder"})
     hint: str = field(default="", metadata={"help": "hint image (the driver) for --control"})
     control_scale: float = field(default=1.0, metadata={"help": "multiplies the control residuals"})
+    control_start: float = field(default=0.0, metadata={
+        "help": "fraction of the steps after which the control starts acting (diffusers' control_guidance_start)"})
+    control_end: float = field(default=1.0, metadata={
+        "help": "fraction of the steps after which the control stops acting (diffusers' control_guidance_end)"})
     guess_mode: bool = field(default=False, metadata={"help": "ControlNet guess mode (residual ramp, "
                                                               "no control on the unconditional half)"})
     # ---- run
-    dtype: str = field(default="auto", metadata={"help": "model dtype (auto: bf16 on CUDA, fp32 on CPU)",
+    dtype: str = field(default="auto", metadata={"help": "model dtype (auto: bf16 on CUDA and on CPUs with native bf16 (AMX / AVX-512 BF16), else fp32)",
                                                  "choices": ["auto", *DTYPES]})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
     out: str = field(default="", metadata={"help": "output folder (required)"})
     grid: bool = field(default=True, metadata={"help": "also write grid.png"})
+    png_info: bool = field(default=True, metadata={
+        "help": "write the settings into each PNG as A1111's 'parameters' text (prompt, steps, sampler, CFG, "
+                "seed, size, model hash), which A1111's PNG Info, ComfyUI and civitai read"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 
@@ -119,7 +130,7 @@ def main(cfg: GenerateConfig) -> GenerateResult:
         if getattr(cfg, name) < 1:
             raise UserError(f"sample.generate: --{name} must be at least 1, got {getattr(cfg, name)}")
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device, announce="sample.generate")
     prediction_type = None if cfg.prediction_type == "auto" else cfg.prediction_type
 
     if cfg.random_weights:
@@ -138,7 +149,10 @@ def main(cfg: GenerateConfig) -> GenerateResult:
                   prediction_type=sd.prediction_type)
 
     out = Path(cfg.out)
-    seeds = [derive_seed(cfg.seed, "sample", i) for i in range(cfg.num)]
+    if cfg.seeds:
+        cfg = replace(cfg, num=len(cfg.seeds))
+    seeds = list(cfg.seeds) or [derive_seed(cfg.seed, "sample", i) for i in range(cfg.num)]
+    parameters = png_parameters(cfg) if cfg.png_info else None
     paths = [out / f"{i:06d}.png" for i in range(cfg.num)]
     write_json_atomic(out / "generate.json", {"config": config_to_dict(cfg), "seeds": seeds}, indent=2)
     images = []
@@ -149,10 +163,14 @@ def main(cfg: GenerateConfig) -> GenerateResult:
                          sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, eta=cfg.eta,
                          height=height, width=width, control=control, hints=hint,
                          control_scale=cfg.control_scale, guess_mode=cfg.guess_mode,
+                         control_start=cfg.control_start, control_end=cfg.control_end,
                          batch_invariant=cfg.batch_invariant,
                          on_step=lambda n=1 if cfg.batch_invariant else len(batch_seeds): bar.update(n))
-        for path, image in zip(paths[start:start + cfg.batch], batch):
-            write_image_atomic(path, to_uint8(image))
+        for path, image, seed in zip(paths[start:start + cfg.batch], batch, batch_seeds):
+            if parameters is None:
+                write_image_atomic(path, to_uint8(image))
+            else:  # the PNG with its settings, as A1111 writes them (sample/png_info.py)
+                write_bytes_atomic(path, add_text_chunk(encode_image(to_uint8(image)), parameters(seed)))
         images.append(batch.cpu())
     bar.close()
     grid_path = None
@@ -163,6 +181,27 @@ def main(cfg: GenerateConfig) -> GenerateResult:
         write_image_atomic(grid_path, to_uint8(make_grid(images_all, nrow=nrow, padding=2, pad_value=1.0)))
     print(f"wrote {len(paths)} images{' and grid.png' if grid_path else ''} to {out}")
     return GenerateResult(paths, grid_path, seeds)
+
+
+def png_parameters(cfg: GenerateConfig):
+    """seed -> the A1111 `parameters` text of one image of this (resolved) config."""
+    settings: dict[str, object] = {"Steps": cfg.steps, "Sampler": A1111_SAMPLER_NAMES.get(cfg.sampler, cfg.sampler),
+                                   "CFG scale": cfg.guidance, "Seed": None, "Size": f"{cfg.width}x{cfg.height}"}
+    if cfg.ckpt and not cfg.random_weights:
+        settings["Model hash"] = model_hash(cfg.ckpt)
+        settings["Model"] = Path(cfg.ckpt).stem if Path(cfg.ckpt).is_file() else Path(cfg.ckpt).name
+    else:
+        settings["Model"] = f"random-{cfg.preset}"
+    if cfg.eta:
+        settings["Eta"] = cfg.eta
+    if cfg.control:  # the sd-webui-controlnet extension's entry
+        settings["ControlNet 0"] = (f"Module: none, Model: {Path(cfg.control).stem} [{model_hash(cfg.control)}], "
+                                    f"Weight: {cfg.control_scale}, Guidance Start: {cfg.control_start}, "
+                                    f"Guidance End: {cfg.control_end}")
+
+    def text(seed: int) -> str:
+        return a1111_parameters(cfg.prompt, cfg.negative_prompt, {**settings, "Seed": seed})
+    return text
 
 
 def get_args_parser():

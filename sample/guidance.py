@@ -11,6 +11,11 @@ wrapper here, and they compose from the inside out:
 
 A model function is `model_fn(x, t, context) -> output` (UNet: `unet(x, t, context, control=None)`).
 
+Samplers whose noise levels fall between the training table's timesteps (Euler ancestral, the
+Karras spacing; sample/sigmas.py) call `denoiser(x, t, alpha_bar=ab)`: the network sees t, and
+the v -> eps conversion uses the (B,) float64 alpha_bar the sampler means instead of the table's
+value at t. The other wrappers accept and ignore it.
+
 Batch layout under classifier-free guidance, which `ControlledModel` relies on: the model sees ONE
 forward of 2B rows, rows [0, B) unconditional (uncond / negative-prompt context) and rows [B, 2B)
 conditional, both with the same x and t. CFG (Ho & Salimans 2022, eq. 6 in the eps form SD uses):
@@ -56,8 +61,8 @@ class ClassifierFreeGuidance:
             return context.expand(batch, *context.shape[1:])  # (1, L, D) -> (B, L, D)
         raise ValueError(f"ClassifierFreeGuidance: {name} context has batch {context.shape[0]}, expected 1 or {batch}")
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[0]
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor | None = None) -> torch.Tensor:
+        batch = x.shape[0]  # alpha_bar: for EpsFromV outside; the raw output does not depend on it
         cond = self._context(self.cond, batch, "cond")
         if self.uncond is None or self.scale == 1.0:
             return self.model_fn(x, t, cond)
@@ -82,14 +87,17 @@ class ControlledModel:
     """
 
     def __init__(self, model_fn: ModelFn, control_fn: ControlFn, hint: torch.Tensor, *, cond_only: bool = False,
-                 **control_kwargs):
+                 active: Callable[[], bool] | None = None, **control_kwargs):
         self.model_fn = model_fn
         self.control_fn = control_fn
         self.hint = hint
         self.cond_only = cond_only
+        self.active = active  # () -> bool: is the control on at this step (control_start / _end); None: always
         self.control_kwargs = control_kwargs
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if self.active is not None and not self.active():
+            return self.model_fn(x, t, context)  # outside the control window: the plain model
         n = self.hint.shape[0]
         if x.shape[0] not in (n, 2 * n):
             raise ValueError(f"ControlledModel: hint has batch {n}, so the model batch must be {n} "
@@ -113,8 +121,15 @@ class EpsFromV:
         self.model_fn = model_fn
         self.schedule = schedule
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.schedule.eps_from_v(x, t, self.model_fn(x, t))
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor | None = None) -> torch.Tensor:
+        v = self.model_fn(x, t)
+        if alpha_bar is None:
+            return self.schedule.eps_from_v(x, t, v)
+        # the sampler's own noise level (off the table): eps = sqrt(ab) v + sqrt(1 - ab) x
+        shape = (-1,) + (1,) * (x.dim() - 1)  # (B,) -> (B, 1, 1, 1)
+        sqrt_ab = alpha_bar.sqrt().to(device=x.device, dtype=x.dtype).view(shape)
+        sqrt_1m_ab = (1.0 - alpha_bar).sqrt().to(device=x.device, dtype=x.dtype).view(shape)
+        return sqrt_ab * v + sqrt_1m_ab * x
 
 
 def as_eps_denoiser(model_fn: Denoiser, schedule: NoiseSchedule, prediction_type: str) -> Denoiser:

@@ -31,14 +31,20 @@ from defectsynth.errors import UserError
 from model.stable_diffusion import StableDiffusion, preset
 from sample.ddim import sample_ddim
 from sample.ddpm import sample_ddpm
-from sample.dpm_solver import sample_dpm_solver
+from sample.dpm_solver import karras_timesteps, sample_dpm_solver, sample_dpm_solver_karras
+from sample.euler_ancestral import euler_timesteps, sample_euler_ancestral
 from sample.guidance import ClassifierFreeGuidance, ControlledModel, as_eps_denoiser
 from sample.noise import generators_from_seeds, randn_per_sample
 from sample.timesteps import ddim_timesteps, ddpm_timesteps, dpm_solver_timesteps
+from sample.unipc import sample_unipc
 
 # name -> (sampler, its reference timestep spacing); see sample/timesteps.py
+# (the Karras and Euler samplers derive their noise levels from the number of timesteps given).
 SAMPLERS = {"ddpm": (sample_ddpm, ddpm_timesteps), "ddim": (sample_ddim, ddim_timesteps),
-            "dpmpp": (sample_dpm_solver, dpm_solver_timesteps)}
+            "dpmpp": (sample_dpm_solver, dpm_solver_timesteps),
+            "dpmpp_karras": (sample_dpm_solver_karras, karras_timesteps),
+            "euler_a": (sample_euler_ancestral, euler_timesteps),
+            "unipc": (sample_unipc, dpm_solver_timesteps)}
 
 
 def random_pipeline(preset_name: str = "tiny", seed: int = 0, **overrides) -> StableDiffusion:
@@ -100,6 +106,7 @@ def generate(sd: StableDiffusion, prompts: Sequence[str] | str | None = None, *,
              height: int | None = None, width: int | None = None,
              control: nn.Module | None = None, hints: torch.Tensor | None = None,
              control_scale: float = 1.0, guess_mode: bool = False,
+             control_start: float = 0.0, control_end: float = 1.0,
              dtype: torch.dtype | None = None, unet: nn.Module | None = None, vae: nn.Module | None = None,
              on_step: Callable[[], None] | None = None, progress: bool = False,
              batch_invariant: bool = False) -> torch.Tensor:
@@ -111,12 +118,16 @@ def generate(sd: StableDiffusion, prompts: Sequence[str] | str | None = None, *,
         (B or 1, 77, D) tensors, e.g. cached embeddings.
     negative_prompts: the unconditional prompt(s) of classifier-free guidance (default "").
     seeds: one int per sample; sample i is drawn from a CPU torch.Generator seeded with seeds[i].
-    sampler: "ddpm" (ancestral), "ddim" (eta: 0 deterministic), "dpmpp" (DPM-Solver++(2M)), each with
-        the timestep spacing of its reference; steps: sampler steps; guidance: CFG scale (1 = none).
+    sampler: "ddpm" (ancestral), "ddim" (eta: 0 deterministic), "dpmpp" (DPM-Solver++(2M)),
+        "dpmpp_karras" (the same on Karras sigmas), "euler_a" (Euler ancestral), "unipc" (UniPC bh2),
+        each with the spacing of its diffusers scheduler; steps: sampler steps; guidance: CFG scale (1 = none).
     height, width: image size in pixels (default the model's native size), multiples of the VAE
         factor times the UNet's (64 for SD).
     control: a ControlNet (model/controlnet.py) and hints (B or 1, 3, H, W) drivers in [0, 1] at the
-        image size; control_scale multiplies its residuals; guess_mode uses the original's
+        image size; control_scale multiplies its residuals; control_start / control_end: the
+        fraction of the steps the control acts on (step i of S is controlled when
+        i / S >= start and (i + 1) / S <= end, as diffusers' control_guidance_start / _end);
+        guess_mode uses the original's
         0.825 ** (12 - i) ramp and gives the unconditional half of CFG no control.
     dtype: None runs each network in its weights' dtype (load the model in bf16/fp16 for half
         precision); a different dtype runs them under torch.autocast (mixed precision).
@@ -130,7 +141,8 @@ def generate(sd: StableDiffusion, prompts: Sequence[str] | str | None = None, *,
             sd, _row(prompts, i), seeds=[seed], negative_prompts=_row(negative_prompts, i),
             cond=_row(cond, i), uncond=_row(uncond, i), sampler=sampler, steps=steps, guidance=guidance,
             eta=eta, height=height, width=width, control=control, hints=_row(hints, i),
-            control_scale=control_scale, guess_mode=guess_mode, dtype=dtype, unet=unet, vae=vae,
+            control_scale=control_scale, guess_mode=guess_mode, control_start=control_start,
+            control_end=control_end, dtype=dtype, unet=unet, vae=vae,
             on_step=on_step, progress=progress) for i, seed in enumerate(seeds)])
     unet = sd.unet if unet is None else unet
     vae = sd.vae if vae is None else vae
@@ -153,6 +165,9 @@ def generate(sd: StableDiffusion, prompts: Sequence[str] | str | None = None, *,
     mixed = dtype is not None and dtype != weights_dtype
     precision = torch.autocast(device_type=device.type, dtype=dtype) if mixed else contextlib.nullcontext()
 
+    sample_fn, timesteps_fn = SAMPLERS[sampler]
+    timesteps = timesteps_fn(steps)
+    step_index = [0]  # denoiser calls so far = the sampler step being taken
     with precision:
         # Text contexts: (B, 77, D) rows, or (1, 77, D) shared by every sample.
         if cond is None:
@@ -192,27 +207,36 @@ def generate(sd: StableDiffusion, prompts: Sequence[str] | str | None = None, *,
                 return control_net(x.to(control_dtype), t, context.to(control_dtype), hint.to(control_dtype), **kwargs)
 
             hints = _batch_rows(hints.to(device=device, dtype=torch.float32), n, "hints")
+            if not 0.0 <= control_start < control_end <= 1.0:
+                raise ValueError(f"generate: need 0 <= control_start < control_end <= 1, got "
+                                 f"{control_start} and {control_end}")
+
+            def control_active() -> bool:  # every sampler calls the denoiser once per step
+                i, total = step_index[0], len(timesteps)
+                return i / total >= control_start and (i + 1) / total <= control_end
+
             model_fn = ControlledModel(model_fn, control_fn, hints, cond_only=guess_mode,
+                                       active=None if (control_start, control_end) == (0.0, 1.0) else control_active,
                                        scale=control_scale, guess_mode=guess_mode)
         elif hints is not None:
             raise ValueError("generate: hints given without a control")
 
         denoiser = as_eps_denoiser(ClassifierFreeGuidance(model_fn, cond, uncond, guidance), sd.schedule,
                                    sd.prediction_type)
-        if on_step is not None:
-            inner = denoiser
+        inner = denoiser
 
-            def denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                eps = inner(x, t)
+        def denoiser(x: torch.Tensor, t: torch.Tensor, **level) -> torch.Tensor:
+            eps = inner(x, t, **level)  # level: alpha_bar of the samplers off the table (sample/sigmas.py)
+            step_index[0] += 1  # the step the control window (control_start / control_end) counts
+            if on_step is not None:
                 on_step()
-                return eps
+            return eps
 
-        sample_fn, timesteps_fn = SAMPLERS[sampler]
         generators = generators_from_seeds(seeds)  # CPU generators: the same image on every machine
         latent_shape = (n, sd.config.unet.in_channels, height // vae_factor, width // vae_factor)
         x = randn_per_sample(latent_shape, generators, device=device)  # float32 x_T
         extra = {"eta": eta} if sampler == "ddim" else {}
-        latents = sample_fn(denoiser, x, sd.schedule, timesteps_fn(steps), generators=generators,
+        latents = sample_fn(denoiser, x, sd.schedule, timesteps, generators=generators,
                             progress=progress, **extra)
         z = latents / sd.latent_scale
         images = vae.decode(z if mixed else z.to(_dtype_of(vae))).float()  # (B, 3, H, W) in [-1, 1]-ish

@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from defectsynth.device import resolve_device as _resolve_device
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; otherwise the named device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """"auto" -> cuda when available, else cpu; otherwise the named device (defectsynth/device.py)."""
+    return _resolve_device(name)
 
 
 # CPU features that run bf16 matrix maths natively: AVX-512 BF16 (vdpbf16ps; Intel Cooper Lake and

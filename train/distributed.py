@@ -17,6 +17,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from defectsynth.device import resolve_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -35,13 +37,9 @@ class DistInfo:
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """"auto" -> cuda:<local_rank> when available else cpu; otherwise the named device."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    return device
+    """"auto" -> cuda:<local_rank> when available else cpu; otherwise the named device
+    (the one resolver of every stage: defectsynth/device.py)."""
+    return resolve_device(name, local_rank)
 
 
 def setup_distributed(device: str = "auto") -> DistInfo:
