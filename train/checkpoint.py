@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from defectsynth.errors import UserError
+from defectsynth.errors import UserError, disk_full, is_disk_full
 from defectsynth.runconfig import config_to_dict, save_config_json
 
 MARKER = "COMPLETE"
@@ -96,18 +97,27 @@ def save_checkpoint(root: str | os.PathLike, step: int, weights: dict[str, torch
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
     tmp = root / f".{checkpoint_name(step)}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in root.glob(".step_*.tmp"):  # interrupted saves: free their space before writing
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
-
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS_FILE))
-    torch.save(state, tmp / STATE_FILE)
-    save_config_json(config, tmp / CONFIG_FILE)
-    files = {name: (tmp / name).stat().st_size for name in (WEIGHTS_FILE, STATE_FILE, CONFIG_FILE)}
-    for name in files:
-        _fsync(tmp / name)
-    # The marker is written last: its presence certifies the files listed in it.
-    (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}) + "\n", encoding="utf-8")
-    _fsync(tmp / MARKER)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS_FILE))
+        torch.save(state, tmp / STATE_FILE)
+        save_config_json(config, tmp / CONFIG_FILE)
+        files = {name: (tmp / name).stat().st_size for name in (WEIGHTS_FILE, STATE_FILE, CONFIG_FILE)}
+        for name in files:
+            _fsync(tmp / name)
+        # The marker is written last: its presence certifies the files listed in it.
+        (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}) + "\n", encoding="utf-8")
+        _fsync(tmp / MARKER)
+    except (OSError, RuntimeError) as err:
+        # torch.save reports a full disk as "unexpected pos N vs M", safetensors as an I/O error.
+        if not (is_disk_full(err) or "unexpected pos" in str(err)):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        # About the weights plus AdamW's two moments: the size of a checkpoint of this run.
+        needed = 3 * sum(v.numel() * v.element_size() for v in weights.values())
+        raise disk_full(tmp, needed) from err
 
     if final.exists():  # an older, possibly damaged copy of the same step
         shutil.rmtree(final)
@@ -156,21 +166,53 @@ def resolve_resume(root: str | os.PathLike, resume: str) -> Path | None:
     if not resume:
         return None
     if resume == "latest":
-        found = list_checkpoints(root)
-        return found[-1] if found else None
+        for folder in reversed(list_checkpoints(root)):
+            damage = checkpoint_damage(folder)
+            if damage is None:
+                return folder
+            print(f"--resume latest: skipping damaged checkpoint {folder} ({damage}); trying the previous one")
+        return None
     path = Path(resume)
     if not is_complete(path):
         raise UserError(f"--resume {resume}: not a complete checkpoint folder "
                                 f"(expected {WEIGHTS_FILE}, {STATE_FILE}, {CONFIG_FILE} and the {MARKER} marker)")
+    damage = checkpoint_damage(path)
+    if damage is not None:
+        raise UserError(f"--resume {resume}: the checkpoint is damaged ({damage}); resume from an earlier one")
     return path
+
+
+def checkpoint_damage(folder: Path) -> str | None:
+    """Why a complete-looking checkpoint cannot be read (its header or archive is damaged), else
+    None. Cheap: the safetensors header and the state.pt archive index, no tensor data."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError, ValueError) as err:
+        return f"{folder / WEIGHTS_FILE}: {err}"
+    try:
+        torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable archive is damage, named with its path
+        return f"{folder / STATE_FILE}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return None
 
 
 def load_checkpoint(folder: str | os.PathLike, device: str | torch.device = "cpu"
                     ) -> tuple[dict[str, torch.Tensor], dict]:
     """(trainable weights, state) of a checkpoint folder written by `save_checkpoint`."""
+    from safetensors import SafetensorError
+
     folder = Path(folder)
-    weights = load_file(str(folder / WEIGHTS_FILE), device=str(device))
-    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    try:
+        weights = load_file(str(folder / WEIGHTS_FILE), device=str(device))
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError, SafetensorError) as err:
+        if isinstance(err, UserError):
+            raise
+        raise UserError(f"{folder}: damaged checkpoint ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                        f"resume from an earlier one") from err
     return weights, state
 
 
@@ -184,11 +226,72 @@ def strip_prefix(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
     return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
 
 
+RUN_FILES = ("config.json", "checkpoints", "metrics.jsonl")  # what marks a folder as holding a run
+ARCHIVE = "previous_runs"
+
+
+def run_in_folder(out: str | os.PathLike) -> list[str]:
+    """The files of a training run found in `out` (config, checkpoints, metrics), e.g. ["config.json"]."""
+    out = Path(out)
+    return [name for name in RUN_FILES if (out / name).exists()] + \
+        sorted(p.name for p in out.glob("*metrics.jsonl") if p.name != "metrics.jsonl") if out.is_dir() else []
+
+
+def refuse_to_overwrite(out: str | os.PathLike, resume: str, overwrite: bool) -> None:
+    """A fresh run (no --resume) into a folder that holds a run is refused unless --overwrite:
+    the old run's metrics, config and checkpoints would be replaced or mixed with the new ones.
+    Call before anything is loaded or written."""
+    found = run_in_folder(out)
+    if found and not resume and not overwrite:
+        steps = list_checkpoints(Path(out) / "checkpoints")
+        last = f", last checkpoint {steps[-1].name}" if steps else ""
+        raise UserError(f"--out {out} already holds a run ({', '.join(found)}{last}); continue it with "
+                        f"--resume latest, or pass --overwrite to move it to {Path(out) / ARCHIVE}/ and "
+                        f"start over, or choose another --out")
+
+
+def archive_previous_run(out: str | os.PathLike, resume: str, overwrite: bool, keep: tuple[str, ...] = ()) -> Path | None:
+    """With --overwrite and no --resume: move everything in `out` except `keep` (and earlier
+    archives) to OUT/previous_runs/<UTC time>/ and say so. Call after every input check passed."""
+    out = Path(out)
+    if resume or not overwrite or not run_in_folder(out):
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = out / ARCHIVE / stamp
+    suffix = 1
+    while target.exists():
+        target, suffix = out / ARCHIVE / f"{stamp}_{suffix}", suffix + 1
+    target.mkdir(parents=True)
+    moved = []
+    for entry in sorted(out.iterdir()):
+        if entry.name in (ARCHIVE, *keep):
+            continue
+        os.replace(entry, target / entry.name)
+        moved.append(entry.name)
+    print(f"--overwrite: moved the previous run in {out} ({', '.join(moved)}) to {target}")
+    return target
+
+
+def _relative_to_out(value: Any, out: Any) -> Any:
+    """A path inside OUT as 'OUT/...', so a run folder resumes after it was moved."""
+    if isinstance(value, str) and isinstance(out, str) and out:
+        root = os.path.normpath(out)
+        normal = os.path.normpath(value) if value else value
+        if normal == root:
+            return "OUT"
+        if normal and normal.startswith(root + os.sep):
+            return "OUT/" + normal[len(root) + 1:]
+    return value
+
+
 def check_resume_config(saved: dict[str, Any], cfg: Any, path: str | os.PathLike,
                         may_change: set[str] | frozenset[str] = frozenset()) -> None:
     """A resumed run must train the same thing: fields outside `may_change` (bookkeeping such
-    as --steps or logging intervals) must equal the checkpoint's; the error names the others."""
+    as --steps or logging intervals) must equal the checkpoint's; the error names the others.
+    Paths inside the output folder compare relative to it, so a moved run folder resumes."""
     current = config_to_dict(cfg)
+    saved = {k: _relative_to_out(v, saved.get("out")) for k, v in saved.items()}
+    current = {k: _relative_to_out(v, current.get("out")) for k, v in current.items()}
     changed = sorted(k for k in current if k not in may_change and saved.get(k) != current[k])
     if changed:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)

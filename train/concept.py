@@ -20,6 +20,8 @@ timestep and noise tensor from one generator per rank; their states are in each 
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -32,7 +34,7 @@ from tqdm.auto import tqdm
 
 from data.coco import load_coco
 from data.datasets import ConceptDataset
-from data.files import write_image_atomic
+from data.files import write_image_atomic, write_json_atomic
 from data.images import tensor_to_image
 from data.seeding import derive_seed
 from defectsynth.errors import UserError, command
@@ -40,7 +42,8 @@ from defectsynth.runconfig import config_from_args, parser_from_dataclass, save_
 from model.stable_diffusion import StableDiffusion, preset
 from sample.pipeline import SAMPLERS, generate
 from weights import load_pipeline, save_diffusers, save_ldm
-from train.checkpoint import checkpoint_name, resolve_resume, strip_prefix, with_prefix
+from train.checkpoint import (archive_previous_run, checkpoint_name, refuse_to_overwrite, resolve_resume, strip_prefix,
+                              with_prefix)
 from train.data_order import IndexStream
 from train.diffusion import diffusion_target, encode_posterior, sample_latents, sample_noise, sample_timesteps
 from train.distributed import DistInfo, all_reduce_mean, any_rank, barrier, distributed_session, grad_sync, wrap_ddp
@@ -118,8 +121,8 @@ class ConceptResult:
 
 # ----------------------------------------------------------------------------------- helpers
 
-def resolve_config(cfg: ConceptConfig, model: StableDiffusion, device: torch.device) -> ConceptConfig:
-    """Fill the "auto" / none fields with what this run actually uses (saved with checkpoints)."""
+def check_flags(cfg: ConceptConfig) -> None:
+    """The checks that need no model: they run before anything loads or is written."""
     if not cfg.out:
         raise UserError("train.concept: --out is required")
     if not cfg.data:
@@ -133,6 +136,26 @@ def resolve_config(cfg: ConceptConfig, model: StableDiffusion, device: torch.dev
         raise UserError("train.concept: prior preservation needs --num-class-images >= 1 (or --no-with-prior)")
     if "{}" not in cfg.prompt_template:
         raise UserError(f"train.concept: --prompt-template {cfg.prompt_template!r} needs a {{}} placeholder")
+
+
+def check_instance_data(data: str) -> None:
+    """--data is readable and holds images (a COCO folder or JSON, validated; or a folder of
+    images): checked before the model loads or class images are drawn."""
+    from data.images import list_images
+
+    path = Path(data)
+    if path.is_dir() and not (path / "annotations.json").is_file():
+        if not list_images(path):
+            raise UserError(f"--data {path}: a folder without annotations.json and without images "
+                            f"(expected a COCO folder or a folder of .png/.jpg images)")
+        return
+    if not load_coco(path / "annotations.json" if path.is_dir() else path, progress=False)["images"]:
+        raise UserError(f"--data {data}: the COCO file lists no images")
+
+
+def resolve_config(cfg: ConceptConfig, model: StableDiffusion, device: torch.device) -> ConceptConfig:
+    """Fill the "auto" / none fields with what this run actually uses (saved with checkpoints)."""
+    check_flags(cfg)
     precision = resolve_precision(cfg.precision, device)
     lr = cfg.lr if cfg.lr is not None else (2e-6 if cfg.train_text_encoder else 5e-6)
     return replace(
@@ -191,12 +214,77 @@ def generate_images(unet: nn.Module, vae: nn.Module, model: StableDiffusion, con
     return images * 2 - 1
 
 
+CLASS_MANIFEST = "class_images.json"
+
+
+def model_fingerprint(model: StableDiffusion) -> str:
+    """A fingerprint of the base model's weights (UNet, VAE, text encoder): sha256 over every
+    tensor's name, shape, dtype, float64 sum and sum of squares. One cheap pass of reductions, no
+    copies; two different checkpoints (or a fine-tuned one) practically never share it."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if not name.startswith(("unet.", "vae.", "text_encoder.")) or tensor.is_meta:
+                continue
+            values = tensor.detach().double() if tensor.is_floating_point() else tensor.detach().long()
+            digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype} {values.sum().item():.10e} "
+                          f"{(values * values).sum().item():.10e}\n".encode())
+    return digest.hexdigest()
+
+
+def class_image_recipe(model: StableDiffusion, cfg: ConceptConfig) -> dict:
+    """What the class images depend on; written to CLASS_DIR/class_images.json beside them."""
+    return {"base_model": model_fingerprint(model), "prompt": cfg.class_prompt, "negative_prompt": "",
+            "sampler": cfg.class_sampler, "steps": cfg.class_steps, "guidance": cfg.class_guidance,
+            "resolution": cfg.resolution, "precision": cfg.precision,
+            "seeds": f"derive_seed({cfg.seed}, 'class_image', i)"}
+
+
+def check_class_images(folder: Path, recipe: dict, paths: list[Path], is_main: bool) -> None:
+    """Class images belong to the model and settings that drew them: if the folder's manifest
+    records another recipe, the images this run would use are deleted (and redrawn), saying why.
+    A folder without a manifest holds the user's own images and is used as given."""
+    manifest = folder / CLASS_MANIFEST
+    if not manifest.is_file():
+        return
+    try:
+        saved = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        saved = {}
+    changed = sorted(k for k in recipe if saved.get(k) != recipe[k])
+    if not changed:
+        return
+    if is_main:
+        what = ", ".join("the base model weights" if k == "base_model" else f"{k} {saved.get(k)!r} -> {recipe[k]!r}"
+                         for k in changed)
+        print(f"train.concept: the class images in {folder} were drawn with other settings ({what}); "
+              f"drawing them again")
+        for path in paths:
+            path.unlink(missing_ok=True)
+        manifest.unlink()
+    barrier()
+
+
+def refuse_blank_class_images(paths: list[Path]) -> None:
+    """All-blank class images (one flat colour each) come from a broken base model; prior
+    preservation on them would teach the UNet to draw nothing."""
+    from data.images import read_image
+
+    if paths and all(float(read_image(p).reshape(-1, 3).std(axis=0).max()) < 1.0 for p in paths):
+        raise UserError(f"train.concept: all {len(paths)} class images in {paths[0].parent} are blank (one flat "
+                        f"colour each): the base model that drew them is broken (check --ckpt with "
+                        f"`defectsynth inspect`), or use --no-with-prior")
+
+
 def generate_class_images(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, model: StableDiffusion,
                           cfg: ConceptConfig, info: DistInfo) -> list[Path]:
     """Draw the missing class images with the frozen base model; every rank takes every
-    world_size-th missing index. Returns the paths of all `num_class_images` images."""
+    world_size-th missing index. Returns the paths of all `num_class_images` images.
+    CLASS_DIR/class_images.json records what drew them (check_class_images)."""
     folder = Path(cfg.class_dir)
     paths = [folder / f"{i:06d}.png" for i in range(cfg.num_class_images)]
+    recipe = class_image_recipe(model, cfg)
+    check_class_images(folder, recipe, paths, info.is_main)
     missing = [i for i, p in enumerate(paths) if not p.is_file()]
     mine = missing[info.rank::info.world_size]
     if mine:
@@ -216,6 +304,9 @@ def generate_class_images(unet: nn.Module, vae: nn.Module, text_encoder: nn.Modu
             bar.update(len(batch) * info.world_size)
         bar.close()
     barrier()
+    if info.is_main and missing:  # this run drew (some of) them: record what drew them
+        write_json_atomic(folder / CLASS_MANIFEST, recipe, indent=2)
+    refuse_blank_class_images(paths)
     return paths
 
 
@@ -282,12 +373,18 @@ def export_model(model: StableDiffusion, cfg: ConceptConfig, ema: EMA | None,
 def main(cfg: ConceptConfig) -> ConceptResult:
     with distributed_session(cfg.device) as info:
         device = info.device
+        # The checks that need no model run first (flags, the run in --out, the data), and nothing
+        # in OUT changes until every check passed: config.json is written after them.
+        check_flags(cfg)
+        refuse_to_overwrite(cfg.out, cfg.resume, cfg.overwrite)
+        check_instance_data(cfg.data)
         model = load_base_model(cfg)
         cfg = resolve_config(cfg, model, device)
         check_identifier(model, cfg.identifier)
         out, ckpt_root = Path(cfg.out), Path(cfg.out) / "checkpoints"
         resume_from = resolve_resume(ckpt_root, cfg.resume)
         if info.is_main:
+            archive_previous_run(out, cfg.resume, cfg.overwrite, keep=("class_images",))
             save_config_json(cfg, out / "config.json")
 
         # Networks: the UNet (and optionally the text encoder) train in float32; the rest is frozen

@@ -74,7 +74,8 @@ from defectsynth.runconfig import config_from_args, parser_from_dataclass, save_
 from model.controlnet import ControlNet
 from model.stable_diffusion import StableDiffusion
 from sample.pipeline import SAMPLERS, generate, random_pipeline
-from train.checkpoint import checkpoint_name, resolve_resume, strip_prefix, with_prefix
+from train.checkpoint import (archive_previous_run, checkpoint_name, refuse_to_overwrite, resolve_resume, strip_prefix,
+                              with_prefix)
 from train.data_order import IndexStream
 from train.diffusion import diffusion_target, encode_posterior, sample_latents, sample_noise, sample_timesteps
 from train.distributed import (all_reduce_mean, any_rank, barrier, distributed_session, grad_sync, unwrap,
@@ -189,8 +190,8 @@ class ValidationSet:
 
 # ----------------------------------------------------------------------------------- helpers
 
-def resolve_config(cfg: ConditionConfig, model: StableDiffusion, device: torch.device) -> ConditionConfig:
-    """Check the flags and fill the "auto" / none fields with what this run uses (saved with checkpoints)."""
+def check_flags(cfg: ConditionConfig) -> None:
+    """The checks that need no model: they run before anything loads or is written."""
     if not cfg.out:
         raise UserError("train.condition: --out is required")
     if not cfg.data:
@@ -206,6 +207,11 @@ def resolve_config(cfg: ConditionConfig, model: StableDiffusion, device: torch.d
             raise UserError(f"train.condition: --{name.replace('_', '-')} must be at least 1, "
                              f"got {getattr(cfg, name)}")
     cfg.driver_config  # noqa: B018 - DriverConfig checks its own fields
+
+
+def resolve_config(cfg: ConditionConfig, model: StableDiffusion, device: torch.device) -> ConditionConfig:
+    """Check the flags and fill the "auto" / none fields with what this run uses (saved with checkpoints)."""
+    check_flags(cfg)
     augmented = cfg.hflip or cfg.random_crop
     return replace(
         cfg, precision=resolve_precision(cfg.precision, device),
@@ -440,11 +446,18 @@ def export_control(model: StableDiffusion, control: ControlNet, cfg: ConditionCo
 def main(cfg: ConditionConfig) -> ConditionResult:
     with distributed_session(cfg.device) as info:
         device = info.device
+        # The checks that need no model run first (flags, the run in --out, the data: validated
+        # COCO), and nothing in OUT changes until every check passed.
+        check_flags(cfg)
+        refuse_to_overwrite(cfg.out, cfg.resume, cfg.overwrite)
+        if not read_coco(cfg.data)["images"]:
+            raise UserError(f"train.condition: --data {cfg.data}: the COCO file lists no images")
         model = load_base_model(cfg)
         cfg = resolve_config(cfg, model, device)
         out, ckpt_root = Path(cfg.out), Path(cfg.out) / "checkpoints"
         resume_from = resolve_resume(ckpt_root, cfg.resume)
         if info.is_main:
+            archive_previous_run(out, cfg.resume, cfg.overwrite)
             save_config_json(cfg, out / "config.json")
 
         # Networks. The control copy is made from the tuned UNet before anything else touches it and

@@ -13,7 +13,7 @@ from train.precision import PRECISIONS
 
 # Fields that may change between a run and its resumption in both stages: they change how long it
 # runs, what it logs and what it exports, never what is trained.
-RESUMABLE_CHANGES = frozenset({"steps", "resume", "progress", "log_every", "checkpoint_every", "keep_last",
+RESUMABLE_CHANGES = frozenset({"steps", "resume", "overwrite", "progress", "log_every", "checkpoint_every", "keep_last",
                                "validate_every", "validation_steps", "validation_guidance", "save_diffusers",
                                "export_ema", "device"})
 
@@ -58,6 +58,9 @@ class FineTuneOptions:
                                                                  "(0: at the end only)"})
     keep_last: int = field(default=2, metadata={"help": "checkpoints kept (0: all)"})
     resume: str = field(default="", metadata={"help": "'latest' or a checkpoint folder"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "start over in an --out that holds a run: move that run to OUT/previous_runs/<time>/ first "
+                "(without it, such an --out is refused unless --resume is given)"})
     validation_steps: int = field(default=25, metadata={"help": "sampler steps of the validation samples"})
     validation_guidance: float = field(default=7.5, metadata={"help": "CFG scale of the validation samples"})
     save_diffusers: bool = field(default=False, metadata={"help": "also write OUT/diffusers"})

@@ -69,8 +69,8 @@ from defectsynth.errors import UserError, command
 from defectsynth.runconfig import config_from_args, parser_from_dataclass, save_config_json
 from model.stable_diffusion import PRESETS, StableDiffusion, preset
 from sample.pipeline import generate
-from train.checkpoint import (check_resume_config, list_checkpoints, load_checkpoint, resolve_resume, strip_prefix,
-                              with_prefix)
+from train.checkpoint import (archive_previous_run, check_resume_config, list_checkpoints, load_checkpoint,
+                              refuse_to_overwrite, resolve_resume, strip_prefix, with_prefix)
 from train.data_order import IndexStream
 from train.diffusion import diffusion_target, encode_posterior, sample_latents, sample_noise, sample_timesteps
 from train.distributed import DistInfo, pick_device
@@ -84,7 +84,7 @@ from weights import save_ldm
 
 VAE_TERMS = ("loss", "l1", "edge", "kl")
 # Fields that may change when a phase resumes (bookkeeping); each phase adds what does not affect it.
-BOOKKEEPING = frozenset({"resume", "progress", "log_every", "checkpoint_every", "keep_last", "device",
+BOOKKEEPING = frozenset({"resume", "overwrite", "progress", "log_every", "checkpoint_every", "keep_last", "device",
                          "num_samples", "sample_steps", "sample_guidance", "sample_every", "eval_data"})
 UNET_FIELDS = frozenset({"caption", "caption_dropout", "unet_steps", "unet_batch_size", "unet_lr",
                          "unet_warmup_steps", "ema_decay"})
@@ -134,6 +134,9 @@ class PriorConfig:
     checkpoint_every: int = field(default=200, metadata={"help": "steps between checkpoints (0: end of a phase only)"})
     keep_last: int = field(default=1, metadata={"help": "checkpoints kept per phase (0: all)"})
     resume: str = field(default="", metadata={"help": "'latest': continue each phase from its newest checkpoint"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "start over in an --out that holds a run: move that run to OUT/previous_runs/<time>/ first "
+                "(without it, such an --out is refused unless --resume latest is given)"})
     num_samples: int = field(default=16, metadata={"help": "images per sample grid (0: none)"})
     sample_steps: int = field(default=25, metadata={"help": "DDIM steps of the sample grids"})
     sample_guidance: float = field(default=3.0, metadata={"help": "CFG scale of the sample grids"})
@@ -476,7 +479,11 @@ def main(cfg: PriorConfig) -> PriorResult:
     device = pick_device(cfg.device)
     info = DistInfo(device=device)  # one process: the shared checkpoint helpers take a DistInfo
     cfg = resolve_config(cfg, device)
+    # Nothing in OUT changes before the flags, the run already in --out and --data are checked.
+    refuse_to_overwrite(cfg.out, cfg.resume, cfg.overwrite)
+    image_paths(cfg.data)
     out = Path(cfg.out)
+    archive_previous_run(out, cfg.resume, cfg.overwrite)
     save_config_json(cfg, out / "config.json")
     started = time.perf_counter()
 
