@@ -17,12 +17,16 @@ def _seed_everything():
     yield
 
 
-@pytest.fixture(autouse=True)
-def _auto_precision_is_fp32(monkeypatch):
+@pytest.fixture(autouse=True, scope="session")
+def _auto_precision_is_fp32():
     """`--precision auto` / `--dtype auto` pick bf16 on CPUs with native bf16 (sample.runtime): pin
     them to fp32 so every test computes the same numbers on every CPU. Tests of bf16 ask for it
-    explicitly (or inject the CPU's answer, tests/test_precision_cpu.py)."""
-    monkeypatch.setenv("DEFECTSYNTH_CPU_BF16", "0")
+    explicitly (or inject the CPU's answer, tests/test_precision_cpu.py). Session scope: module
+    fixtures (e.g. test_synthesize's reference run) are set up before any function-scoped fixture,
+    and must see the pin too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DEFECTSYNTH_CPU_BF16", "0")
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -54,8 +54,10 @@ def micro_config(out: Path, **overrides) -> run.RunConfig:
     return run.RunConfig(**base)
 
 
-def marker_times(out: Path) -> dict[str, int]:
-    return {p.stem: p.stat().st_mtime_ns for p in (out / run.MARKERS).glob("*.json")}
+def marker_files(out: Path) -> dict[str, tuple[int, bytes]]:
+    """Each marker's (inode, content): markers are written to a temporary name and renamed, so a
+    rewrite shows as a new inode even with the same bytes (modification times can tie or be coarse)."""
+    return {p.stem: (p.stat().st_ino, p.read_bytes()) for p in (out / run.MARKERS).glob("*.json")}
 
 
 def check_outputs(out: Path) -> None:
@@ -151,7 +153,7 @@ def test_run_end_to_end_and_resume(tmp_path, monkeypatch):
     first = run.main(dataclasses.replace(cfg, stop_after="concept"))
     assert first.ran == ["data", "split", "prior", "concept"] and first.stopped_after == "concept"
     assert first.report is None and not (out / "sadf").exists()
-    finished = marker_times(out)
+    finished = marker_files(out)
 
     # 2. A crash inside the synthesis stage: no marker for it, the finished stages stay finished.
     import sample.synthesize
@@ -169,7 +171,7 @@ def test_run_end_to_end_and_resume(tmp_path, monkeypatch):
     done = run.main(cfg)
     assert done.skipped == ["data", "split", "prior", "concept", "condition"]
     assert done.ran == list(run.STAGES[5:]) and done.report == out / "report.md"
-    assert all(marker_times(out)[k] == t for k, t in finished.items())
+    assert all(marker_files(out)[k] == t for k, t in finished.items())
     log = [json.loads(line) for line in (out / "run_log.jsonl").read_text().splitlines()]
     ran = [r["stage"] for r in log if r["event"] == "ran"]
     assert sorted(ran) == sorted(run.STAGES)  # every stage ran exactly once

@@ -169,12 +169,13 @@ def test_crash_and_budget_then_rerun_equals_uninterrupted_run(inputs, reference,
         main(config(inputs, out))  # batch 2 finishes, batch 3 dies
     finished = read_records(out)
     assert sorted(finished) == [1, 2, 3, 4, 5, 6] and not list((out / "images").glob(".*"))  # no temporaries left
-    mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
+    # Finished images are never rewritten: same inode (writes go to a temporary name, then rename) and bytes.
+    kept = {p.name: (p.stat().st_ino, p.read_bytes()) for p in (out / "images").iterdir()}
     counting = CountingGenerate()
     monkeypatch.setattr(sadf_inputs, "generate", counting)
     result = main(config(inputs, out))
     assert (counting.calls, counting.rows, result.generated, result.skipped) == (1, 2, 2, 6)
-    assert {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir() if p.name in mtimes} == mtimes
+    assert {p.name: (p.stat().st_ino, p.read_bytes()) for p in (out / "images").iterdir() if p.name in kept} == kept
     same_dataset(out, reference[0])
     again = CountingGenerate()
     monkeypatch.setattr(sadf_inputs, "generate", again)
