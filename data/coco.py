@@ -92,6 +92,9 @@ def _check_segmentation(segm: Any, height: int, width: int, where: str) -> dict:
     return rle
 
 
+BBOX_SLACK = 0.5  # pixels a given bbox may reach beyond the image border
+
+
 def validate_coco(data: Coco, source: str = "<coco>", image_root: str | os.PathLike | None = None,
                   check_images: bool = True, progress: bool = False) -> Coco:
     """Check `data` and return a copy with absolute file names and `area`, `bbox`, `iscrowd`
@@ -117,7 +120,7 @@ def validate_coco(data: Coco, source: str = "<coco>", image_root: str | os.PathL
             raise CocoError(f"{source}: category id={cat['id']} has no name")
         categories[cat["id"]] = cat["name"]
 
-    images = {}
+    images, seen_files = {}, {}
     iterator = tqdm(data["images"], desc="checking images", disable=not progress, leave=False)
     for img in iterator:
         where = f"{source}: image id={img['id']}"
@@ -127,6 +130,10 @@ def validate_coco(data: Coco, source: str = "<coco>", image_root: str | os.PathL
         path = (root / name).resolve() if not os.path.isabs(name) else Path(name)
         img["file_name"] = str(path)
         where += f" (file {path})"
+        if str(path) in seen_files:  # two records of one file: its annotations would be split or doubled
+            raise CocoError(f"{where}: duplicate file_name, also image id={seen_files[str(path)]}; "
+                            f"merge the two records into one")
+        seen_files[str(path)] = img["id"]
         for key in ("height", "width"):
             if not _is_id(img.get(key)):
                 raise CocoError(f"{where}: '{key}' must be a positive integer, got {img.get(key)!r}")
@@ -158,11 +165,27 @@ def validate_coco(data: Coco, source: str = "<coco>", image_root: str | os.PathL
                 raise CocoError(f"{where}: bbox must be [x, y, w, h], got {box!r}")
             if box[2] <= 0 or box[3] <= 0:
                 raise CocoError(f"{where}: zero-area bbox {box} (width and height must be > 0)")
+            # Half a pixel of slack: polygon boxes along pixel edges may end on the border itself.
+            if box[0] < -BBOX_SLACK or box[1] < -BBOX_SLACK or box[0] + box[2] > img["width"] + BBOX_SLACK \
+                    or box[1] + box[3] > img["height"] + BBOX_SLACK:
+                raise CocoError(f"{where}: bbox {box} lies outside the {img['width']}x{img['height']} (w x h) "
+                                f"image; fix the record or drop 'bbox' to have it computed from the mask")
         else:
             ann["bbox"] = rle_bbox(rle)
-        if "area" not in ann:
+        if "area" in ann:
+            if not isinstance(ann["area"], (int, float)) or not ann["area"] > 0:
+                raise CocoError(f"{where}: area must be a number > 0, got {ann['area']!r}; fix the record "
+                                f"or drop 'area' to have it computed from the mask")
+        else:
             ann["area"] = float(rle_area(rle))
-        ann.setdefault("iscrowd", 0)
+        # Every annotation is one instance here; COCO's crowd regions (iscrowd=1, ignored by
+        # COCOeval, one blob of many objects) have no meaning for the generator or the segmentor.
+        iscrowd = ann.setdefault("iscrowd", 0)
+        if iscrowd not in (0, 1, False, True):
+            raise CocoError(f"{where}: iscrowd must be 0 or 1, got {iscrowd!r}")
+        if iscrowd:
+            raise CocoError(f"{where}: iscrowd=1 (a crowd region) is not supported: defectsynth treats every "
+                            f"annotation as one instance; split the region into instances or remove it")
     return data
 
 

@@ -284,6 +284,36 @@ class ImportConfig:
     stats_json: str = field(default="", metadata={"help": "also write the statistics here"})
 
 
+def likely_format(root: str | Path, image_exts: Sequence[str] = IMAGE_EXTENSIONS) -> str:
+    """A guess at --format from what lies in `root`, for the error message of an empty import."""
+    root = Path(root)
+    if not root.is_dir():
+        return ""
+    exts = tuple(e.lower() for e in image_exts)
+    top = [p for p in root.iterdir() if p.is_file()]
+    if any(p.suffix == ".json" for p in top):
+        return "labelme"
+    if any(p.suffix.lower() in exts for p in top):  # class-folders reads images in subfolders only
+        return "images (no annotations) or class-index (class-index masks beside the images)"
+    subfolders = [p for p in root.iterdir() if p.is_dir()]
+    if any(any(q.suffix.lower() in exts for q in folder.rglob("*")) for folder in subfolders):
+        return "class-folders (one subfolder of images and masks per class)"
+    return ""
+
+
+def check_not_empty(coco: Coco, cfg: "ImportConfig") -> None:
+    """Zero images, or zero annotations where annotations are expected, is a wrong layout or
+    --format, not a dataset: refuse it with the likely --format instead of writing an empty COCO."""
+    expects_annotations = cfg.format != "images" and not cfg.free_classes
+    if coco["images"] and (coco["annotations"] or not expects_annotations):
+        return
+    what = "no images" if not coco["images"] else f"{len(coco['images'])} images but no annotations"
+    guess = likely_format(cfg.root, cfg.image_exts)
+    hint = f"; its layout looks like --format {guess}" if guess and not guess.startswith(cfg.format + " ") else ""
+    raise DatasetImportError(f"{cfg.root}: --format {cfg.format} found {what}{hint} (see python -m data.importers "
+                             f"--help; nothing written to {cfg.out})")
+
+
 def get_args_parser():
     return parser_from_dataclass(ImportConfig, prog="python -m data.importers")
 
@@ -304,6 +334,7 @@ def main(cfg: ImportConfig) -> Coco:
         coco = import_labelme(cfg.root, cfg.classes, cfg.line_width, cfg.segmentation)
     else:
         coco = import_image_folder(cfg.root, categories=cfg.classes, **common)
+    check_not_empty(coco, cfg)  # before: an empty COCO was written and the mistake surfaced stages later
     save_coco(coco, cfg.out)
     stats = coco_stats(coco)
     stats["seconds"] = round(time.perf_counter() - start, 2)

@@ -20,6 +20,7 @@ one sample at a time so every image is bit-identical for any `--batch-size`. The
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -95,16 +96,77 @@ class GenerateConfig:
 
 @dataclass
 class GenerateResult:
-    images: list[Path]
+    images: Sequence[Path]     # lazy: nothing of size --num is held in memory
     grid: Path | None
-    seeds: list[int]
+    seeds: Sequence[int]
+    usable: int = 0            # images that are finite and not one flat colour
+
+
+class Lazy(Sequence):
+    """Item i computed on demand (paths and seeds of a --num too large to list)."""
+
+    def __init__(self, n: int, item: Callable[[int], object]):
+        self._n, self._item = n, item
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._item(i) for i in range(*index.indices(self._n))]
+        if not -self._n <= index < self._n:
+            raise IndexError(index)
+        return self._item(index % self._n)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and len(other) == len(self) and all(a == b for a, b in zip(self, other))
+
+
+GRID_MAX = 64        # grid.png shows the first 64 images: the sheet stays bounded for any --num
+SEEDS_LISTED = 1000  # generate.json lists the seeds up to this --num (the rule always)
+
+
+def image_usable(image: torch.Tensor) -> bool:
+    """(3, H, W) in [0, 1]: finite and not one flat colour (what a broken model or an fp16
+    overflow produces: NaN decodes to black)."""
+    return bool(torch.isfinite(image).all()) and float(image.float().flatten(1).std(dim=1).max()) * 255 >= 1.0
+
+
+def check_size_before_loading(cfg: GenerateConfig) -> tuple[int, int] | None:
+    """The checks that need no weights: the hint is readable and the image size fits the model
+    (H and W multiples of the VAE's times the UNet's downsampling: 64 for SD), read from the
+    preset or the checkpoint's header (meta tensors). Returns the hint's (h, w), if any."""
+    hint_size = read_image(cfg.hint).shape[:2] if cfg.hint else None
+    if cfg.random_weights:
+        config = PRESETS[cfg.preset]
+        multiple = config.vae.downsample_factor * config.unet.downsample_factor
+    else:
+        from weights.load import inspect_checkpoint
+
+        info = inspect_checkpoint(cfg.ckpt)
+        unet, vae = info.components.get("unet"), info.components.get("vae")
+        if unet is None or vae is None or unet.config is None or vae.config is None:
+            return hint_size  # load_pipeline names what is missing
+        multiple = vae.config.downsample_factor * unet.config.downsample_factor
+    size = (cfg.height or cfg.width, cfg.width or cfg.height) if (cfg.height or cfg.width) else hint_size
+    if size is not None and (size[0] % multiple or size[1] % multiple):
+        source = "--height/--width" if (cfg.height or cfg.width) else f"the hint {cfg.hint}"
+        raise UserError(f"{source}: {size[0]}x{size[1]} (h x w) pixels, but this model needs multiples of "
+                        f"{multiple} (the VAE's times the UNet's downsampling: 64 for SD 1.x/2.x); "
+                        f"pass --height/--width multiples of {multiple}")
+    return hint_size
 
 
 def read_hint(path: str, height: int, width: int) -> torch.Tensor:
     """The hint image as float32 (1, 3, H, W) in [0, 1]; resized (nearest: drivers are label maps
-    painted in class colours, which interpolation would blend) when its size differs."""
+    painted in class colours, which interpolation would blend) when its size differs, with a
+    warning when that changes its aspect ratio (the driver is stretched)."""
     image = read_image(path)  # uint8 (h, w, 3) RGB
     if image.shape[:2] != (height, width):
+        h, w = image.shape[:2]
+        if abs(h * width - w * height) > 0.01 * h * width:
+            print(f"sample.generate: warning: the hint {path} is {w}x{h} (w x h) and is stretched to the "
+                  f"{width}x{height} image (another aspect ratio); resize or crop it to match", file=sys.stderr)
         image = cv2.resize(image, (width, height), interpolation=cv2.INTER_NEAREST)
     return torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0  # (H, W, 3) -> (1, 3, H, W)
 
@@ -129,6 +191,7 @@ def main(cfg: GenerateConfig) -> GenerateResult:
     for name in ("num", "batch", "steps"):
         if getattr(cfg, name) < 1:
             raise UserError(f"sample.generate: --{name} must be at least 1, got {getattr(cfg, name)}")
+    check_size_before_loading(cfg)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device, announce="sample.generate")
     prediction_type = None if cfg.prediction_type == "auto" else cfg.prediction_type
@@ -151,11 +214,17 @@ def main(cfg: GenerateConfig) -> GenerateResult:
     out = Path(cfg.out)
     if cfg.seeds:
         cfg = replace(cfg, num=len(cfg.seeds))
-    seeds = list(cfg.seeds) or [derive_seed(cfg.seed, "sample", i) for i in range(cfg.num)]
+    # Seeds and paths are computed per batch: memory does not grow with --num, and every image is
+    # on disk before the next batch starts (only the first GRID_MAX are kept, for grid.png).
+    base_seed, given = cfg.seed, tuple(cfg.seeds)
+    seeds = Lazy(cfg.num, lambda i: given[i] if given else derive_seed(base_seed, "sample", i))
+    paths = Lazy(cfg.num, lambda i: out / f"{i:06d}.png")
     parameters = png_parameters(cfg) if cfg.png_info else None
-    paths = [out / f"{i:06d}.png" for i in range(cfg.num)]
-    write_json_atomic(out / "generate.json", {"config": config_to_dict(cfg), "seeds": seeds}, indent=2)
-    images = []
+    record = {"config": config_to_dict(cfg), "seed_rule": "--seeds" if given else "derive_seed(seed, 'sample', i)"}
+    if cfg.num <= SEEDS_LISTED:
+        record["seeds"] = list(seeds)
+    write_json_atomic(out / "generate.json", record, indent=2)
+    images, usable = [], 0
     bar = tqdm(total=cfg.num * cfg.steps, desc="denoising steps", disable=not cfg.progress)
     for start in range(0, cfg.num, cfg.batch):
         batch_seeds = seeds[start:start + cfg.batch]
@@ -171,16 +240,24 @@ def main(cfg: GenerateConfig) -> GenerateResult:
                 write_image_atomic(path, to_uint8(image))
             else:  # the PNG with its settings, as A1111 writes them (sample/png_info.py)
                 write_bytes_atomic(path, add_text_chunk(encode_image(to_uint8(image)), parameters(seed)))
-        images.append(batch.cpu())
+            usable += image_usable(image)
+        if cfg.grid and start < GRID_MAX:
+            images.append(batch[:GRID_MAX - start].cpu())
+        del batch
     bar.close()
     grid_path = None
     if cfg.grid:
         grid_path = out / "grid.png"
-        images_all = torch.cat(images)  # (N, 3, H, W)
-        nrow = min(cfg.num, max(1, round(cfg.num ** 0.5)))
+        images_all = torch.cat(images)  # (min(N, GRID_MAX), 3, H, W)
+        shown = images_all.shape[0]
+        nrow = min(shown, max(1, round(shown ** 0.5)))
         write_image_atomic(grid_path, to_uint8(make_grid(images_all, nrow=nrow, padding=2, pad_value=1.0)))
-    print(f"wrote {len(paths)} images{' and grid.png' if grid_path else ''} to {out}")
-    return GenerateResult(paths, grid_path, seeds)
+    if not usable:
+        raise UserError(f"none of the {cfg.num} images written to {out} is usable (each is NaN or one flat "
+                        f"colour): check the model with `defectsynth inspect {cfg.ckpt or '--preset ' + cfg.preset}`"
+                        f"{' or use --dtype fp32' if cfg.dtype in ('fp16', 'bf16') else ''}")
+    print(f"wrote {len(paths)} images ({usable} usable){' and grid.png' if grid_path else ''} to {out}")
+    return GenerateResult(paths, grid_path, seeds, usable)
 
 
 def png_parameters(cfg: GenerateConfig):

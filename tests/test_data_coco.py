@@ -193,8 +193,8 @@ def test_merge_remaps_ids_and_categories(tmp_path):
 
 def test_split_is_seeded_stratified_and_complete(tmp_path):
     coco, _ = make_dataset(tmp_path, np.random.default_rng(5), num_images=40, per_image=1)
-    coco["images"].extend({"id": 100 + i, "file_name": coco["images"][0]["file_name"], "height": 24, "width": 32}
-                          for i in range(10))  # defect-free images form their own stratum
+    coco["images"].extend({"id": 100 + i, "file_name": f"free{i}.png", "height": 24, "width": 32}
+                          for i in range(10))  # defect-free images form their own stratum (not read)
     parts = split_coco(coco, [0.7, 0.2, 0.1], seed=0, names=["train", "val", "test"])
     again = split_coco(coco, [0.7, 0.2, 0.1], seed=0, names=["train", "val", "test"])
     assert parts == again
