@@ -10,11 +10,13 @@ import torch
 from data.augment import AugmentConfig, AugmentRunConfig, augment_image, augment_variant, augment_variants, main as augment_main
 from data.coco import load_coco, new_coco, save_coco
 from data.files import write_image_atomic
+from data.images import read_image
 from data.masks import mask_to_rle
 from data.pairing import PairingConfig, SadfPairs
 from data.palette import PALETTE
 from data.perturb import PerturbConfig, perturb_mask, place_mask, sample_instance
 from data.prompts import PromptConfig, make_prompt
+from data.resize import resize_and_crop
 from data.seeding import derive_seed
 
 GEOMETRY_ONLY = AugmentConfig(noise_std=(0.0, 0.0), contrast=(1.0, 1.0), brightness=(0.0, 0.0), border="constant",
@@ -142,6 +144,16 @@ def test_pairs_are_seeded_valid_and_rebuildable(datasets):
     assert torch.equal(copied.build(4).driver, built[4].driver)
     assert [p.variant for p in built] == [0, 1, 2, 0, 1, 2]
     assert not np.array_equal(built[0].image, built[1].image)
+    # Pair p is variant p % V of free image (p // V) % N (images in id order), as data/pairing.py
+    # documents: rebuilt here from the free image file, the resize and the variant's seed.
+    by_id = sorted(free["images"], key=lambda img: img["id"])
+    assert len(by_id) == 2
+    for p, pair in enumerate(built):
+        source = by_id[(p // 3) % len(by_id)]
+        assert pair.source_file == source["file_name"] and pair.variant == p % 3
+        resized, _ = resize_and_crop(read_image(source["file_name"]), (64, 64))
+        expected, _ = augment_variant(resized, derive_seed(7, source["id"]), p % 3, config.augment)
+        assert np.array_equal(pair.image, expected), p
     other = SadfPairs(free, annotated, config, seed=8).build(0)
     assert not torch.equal(other.driver, built[0].driver)
 
