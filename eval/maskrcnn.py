@@ -333,6 +333,7 @@ def prepare_splits(cfg: MaskRCNNConfig, out: Path) -> tuple[dict, dict, dict | N
     """(real train, real test, synthetic or None) as COCO dicts; the split is saved in OUT/splits/."""
     if not cfg.real:
         raise UserError("eval.maskrcnn: --real (the real annotated COCO json) is required")
+    check_intervals(cfg)
     real = load_coco(cfg.real, check_images=False, progress=False)
     if cfg.test:
         train, test = real, load_coco(cfg.test, check_images=False, progress=False)
@@ -349,6 +350,14 @@ def prepare_splits(cfg: MaskRCNNConfig, out: Path) -> tuple[dict, dict, dict | N
                          f"({len(train['images'])} train, {len(test['images'])} test images)")
     synthetic = load_coco(cfg.synthetic, check_images=False, progress=False) if cfg.synthetic else None
     return train, test, synthetic
+
+
+def check_intervals(cfg) -> None:
+    """Step counts that divide or bound the loop must be positive (before: `--checkpoint-every 0`
+    was a ZeroDivisionError after every earlier stage had finished)."""
+    for name in ("iterations", "checkpoint_every"):
+        if getattr(cfg, name, 1) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
 
 
 def run_benchmark(cfg: MaskRCNNConfig) -> dict[str, Any]:

@@ -402,6 +402,12 @@ def main(cfg: PaperConfig) -> dict[str, Any]:
     unknown = sorted(set(cfg.tables) - set(TITLES))
     if unknown:
         raise UserError(f"--tables: unknown {unknown}; choose from {sorted(TITLES)}")
+    # Checked before OUT (and OUT/maskrcnn) is written: the intervals and the annotated data.
+    from data.coco import load_coco
+    from eval.maskrcnn import check_intervals
+    check_intervals(cfg)
+    if cfg.data:
+        load_coco(cfg.data, check_images=False, progress=False)
     out, plots = Path(cfg.out), Path(cfg.out) / "plots"
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"config": config_to_dict(cfg), "paper_reference": PAPER, "tables": {}, "plots": [],

@@ -416,7 +416,13 @@ def main(cfg: SynthesizeConfig) -> SynthesizeResult | np.ndarray:
         result = synthesize_shard(run, out, shard, num_shards, progress=cfg.progress and rank == 0)
         barrier()
         if rank == 0:
-            finished = len(read_records(out))
+            records = read_records(out)
+            finished = len(records)
+            if finished == run.num_jobs and not any(r["status"] == "ok" for r in records.values()):
+                # Before: a 0-image sadf.json and exit 0; the mistake surfaced in the evaluation.
+                raise SynthesisError(f"sample.synthesize: all {finished} images were dropped by the guard "
+                                     f"(see {out}/records): no sadf.json written; check the model and the control "
+                                     f"(`defectsynth inspect`), or the guard's settings (--retries, the adherence gate)")
             if finished == run.num_jobs:
                 result.coco = merge(out, cfg.sheet_pairs)
                 print(f"wrote {result.coco} ({finished} images planned, {result.dropped} dropped this run)")
@@ -466,8 +472,8 @@ def synthesize_shard(run: Run, out: Path, shard: int, num_shards: int, progress:
         for future in pending:
             future.result()
     bar.close()
-    print(f"shard {shard} of {num_shards}: {result.generated} new images ({result.retried} guard redraws, "
-          f"{result.dropped} dropped), {result.skipped} already finished")
+    print(f"shard {shard} of {num_shards}: {result.generated - result.dropped} new images written "
+          f"({result.retried} guard redraws, {result.dropped} dropped), {result.skipped} already finished")
     return result
 
 

@@ -294,10 +294,10 @@ def test_guard_retries_with_a_derived_seed_then_drops(inputs, tmp_path, monkeypa
     monkeypatch.setattr(sadf_inputs, "generate", lambda *a, seeds, **k: fake_images(seeds, blank=True))
     out = tmp_path / "blank"
     smoke = dict(ckpt="", control="", random_weights=True, preset="tiny", resolution=64)  # fresh zero control
-    result = main(config(inputs, out, retries=1, **smoke))
-    assert (result.generated, result.retried, result.dropped) == (8, 8, 0 + 8)
-    coco = json.loads((out / "sadf.json").read_text())
-    assert coco["images"] == [] and coco["info"]["dropped"] == 8
+    # Every image dropped: exit 2 with the count, no (empty) sadf.json (issue 15; it was written before).
+    with pytest.raises(SynthesisError, match="all 8 images were dropped by the guard"):
+        main(config(inputs, out, retries=1, **smoke))
+    assert not (out / "sadf.json").exists()
     assert all(r["status"] == "dropped" and len(r["rejected"]) == 2 and "blank" in r["rejected"][0]["reason"]
                for r in read_records(out).values())
     with pytest.raises(SynthesisError, match="dropped by the guard"):
