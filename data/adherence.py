@@ -143,7 +143,8 @@ def topology_agreement(generated: np.ndarray, driver: torch.Tensor | np.ndarray,
     if not outside.any():
         return 0.0
     t_in = grey > half
-    t_gen = topology_map(generated, driver_config).astype(np.float32) > half
+    # with inpaint_defects the generated image's defects are inpainted too, as the driver's were
+    t_gen = topology_map(generated, driver_config, masks or None).astype(np.float32) > half
     return max(0.0, matthews_correlation(t_in[outside], t_gen[outside]))
 
 

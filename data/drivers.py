@@ -11,7 +11,15 @@
       -> divide by 255                                       float32 (3, H, W) in [0, 1]
 
 The same function serves defective and defect-free images, so the two kinds of driver come from
-the same procedure; on a defective image the paint covers the defect pixels themselves. Every
+the same procedure; on a defective image the paint covers the defect pixels themselves.
+
+The halo (beyond the paper): the adaptive threshold also reacts to the defect itself, so around the
+paint of a defective image's driver the topology differs from that of the same surface without the
+defect, in a band up to the threshold window's radius wide; drivers built for synthesis from
+defect-free images never have it. `inpaint_defects` removes it: the topology is computed on the
+image with the instances' pixels (masks dilated by `inpaint_dilate` px) filled in by OpenCV's
+Telea inpainting (radius `inpaint_radius`), before downscaling and thresholding. The paint then
+covers the inpainted pixels as before. Measured numbers and the chosen default: docs/data.md. Every
 topology value is <= background_level / 255 and every painted pixel is exactly its class colour
 / 255 (all palette colours have a channel at 255, so paint and topology never collide).
 """
@@ -44,6 +52,9 @@ class DriverConfig:
     background_level: int = 50           # the binary map's 255 becomes this grey level
     upsample: str = "linear"             # "linear" (soft edges) or "nearest" (binary levels only)
     palette: tuple[Color, ...] | None = None  # colour per category id (index = id); None = PALETTE
+    inpaint_defects: bool = False        # topology of the image with its instances inpainted (no halo)
+    inpaint_dilate: int = 2              # px the masks grow before inpainting (the defect's soft edge)
+    inpaint_radius: int = 5              # cv2.inpaint neighbourhood radius, px
 
     def __post_init__(self) -> None:
         if self.downscale < 1:
@@ -57,6 +68,9 @@ class DriverConfig:
             raise ValueError(f"DriverConfig.background_level must be in 0..255, got {self.background_level}")
         if self.upsample not in UPSAMPLING:
             raise ValueError(f"DriverConfig.upsample must be one of {sorted(UPSAMPLING)}, got {self.upsample!r}")
+        if self.inpaint_dilate < 0 or self.inpaint_radius < 1:
+            raise ValueError(f"DriverConfig: inpaint_dilate must be >= 0 and inpaint_radius >= 1, got "
+                             f"{self.inpaint_dilate}, {self.inpaint_radius}")
 
 
 def grey_image(image: np.ndarray) -> np.ndarray:
@@ -71,8 +85,26 @@ def grey_image(image: np.ndarray) -> np.ndarray:
     raise ValueError(f"topological driver: expected (H, W, 3) RGB or (H, W) grey, got shape {image.shape}")
 
 
-def topology_map(image: np.ndarray, config: DriverConfig = DriverConfig()) -> np.ndarray:
-    """The grey part of the driver: uint8 (H, W) with values in [0, background_level]."""
+def inpaint_instances(image: np.ndarray, instances: Instances, dilate: int = 2, radius: int = 5) -> np.ndarray:
+    """`image` (uint8 RGB or grey) with every instance's pixels, masks grown by `dilate` px
+    (square), filled in by cv2.inpaint (Telea); the image itself when there are no instances."""
+    image = np.asarray(image)
+    masks = instance_masks(instances, image.shape[:2])
+    if not masks:
+        return image
+    union = np.zeros(image.shape[:2], np.uint8)
+    for mask, _ in masks:
+        union[mask] = 255
+    if dilate > 0:
+        union = cv2.dilate(union, np.ones((2 * dilate + 1, 2 * dilate + 1), np.uint8))
+    return cv2.inpaint(np.ascontiguousarray(image), union, radius, cv2.INPAINT_TELEA)
+
+
+def topology_map(image: np.ndarray, config: DriverConfig = DriverConfig(), instances: Instances = None) -> np.ndarray:
+    """The grey part of the driver: uint8 (H, W) with values in [0, background_level]. With
+    `config.inpaint_defects`, computed on the image with `instances` inpainted (no halo)."""
+    if config.inpaint_defects and instances is not None:
+        image = inpaint_instances(image, instances, config.inpaint_dilate, config.inpaint_radius)
     gray = grey_image(image)
     height, width = gray.shape
     small_size = (max(1, round(width / config.downscale)), max(1, round(height / config.downscale)))
@@ -122,7 +154,7 @@ def render_driver(image: np.ndarray, instances: Instances = None, config: Driver
     """The driver as uint8 RGB (H, W, 3) (for writing files). `overrides` replace config fields."""
     if overrides:
         config = dataclasses.replace(config, **overrides)
-    topology = topology_map(image, config)
+    topology = topology_map(image, config, instances)
     canvas = np.repeat(topology[:, :, None], 3, axis=2)  # (H, W) -> (H, W, 3)
     return paint_masks(canvas, instances, config.palette)
 

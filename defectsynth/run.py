@@ -10,18 +10,33 @@ Stages, in order (each calls the stage script's own `main(cfg)`):
 
     data        demo mode only: data.demo writes the annotated defect set and the defect-free images,
                 and (without --ckpt) extra defect-free surfaces from another seed for the prior
+    split       defectsynth.splits: the annotated set cut into train / val / test (by image, seeded,
+                stratified by class) before anything trains, plus the small (10%) subset of train
+                (paper sections 4, 5.1); or train / val with --test, your own test set
     prior       without --ckpt: train.prior trains the tiny prior (the stand-in for SD's general prior)
                 on those surfaces (or on --free when --data is given)
-    concept     train.concept: DreamBooth with prior preservation on the annotated images (paper 4.1)
+    concept     train.concept: DreamBooth with prior preservation on the training split (paper 4.1)
     condition   train.condition: the control copy driven by topological drivers (paper 4.2)
-    synthesize  sample.synthesize: the self-annotated SADF COCO dataset (paper 4.3, 5.1)
-    evaluate    eval.paper: the paper's tables (Mask R-CNN, diversity, FID or FD-<extractor>)
-    report      OUT/report.md: the tables, sample grids, curves, per-stage times (rewritten every run)
+    synthesize  sample.synthesize: the self-annotated SADF COCO dataset, masks from the training split
+                (paper 4.3, 5.1)
+    concept_small, condition_small, synthesize_small        (Tables 2, 4) the same generator and SADF
+                set from the small subset of train (paper section 4: "just 120 annotated images")
+    condition_inpaint, diversity_ours, diversity_inpaint    (Table 3) the inpainting-baseline control
+                on the main concept, then m pairs x k samples from ours and from it, same pairs and seeds
+    condition_no_concept, synthesize_no_concept             (Table 4) a control trained directly on
+                the base model on the small subset (no concept phase), and its SADF set
+    evaluate    eval.paper: Tables 1-4 (Mask R-CNN, diversity, FID or FD-<extractor>), every Mask R-CNN
+                metric on the test split, with where each number comes from (eval/provenance.py)
+    report      OUT/report.md and OUT/report.json: splits, tables with provenance, sample grids, curves,
+                per-stage times (rewritten every run)
+--tables picks the tables (default all four); the stages only a skipped table needs are not planned.
 
 Modes: no --ckpt and no --data is the embedded demo (procedural data, tiny prior, settings sized
-for 2 CPU cores, `demo_stage_configs`); --ckpt and --data is the real run with the paper's settings
-(the stage scripts' defaults). Either may be given alone: --ckpt alone runs real SD on the demo
-data; --data alone trains the tiny prior on your defect-free images.
+for 2 CPU cores, `demo_stage_configs`); --ckpt and --data is the real run with the stage scripts'
+defaults (each script's --help says where every default comes from: this paper, the DreamBooth or
+ControlNet papers, diffusers' example scripts, or our own choice). Either may be given alone:
+--ckpt alone runs real SD on the demo data; --data alone trains the tiny prior on your defect-free
+images.
 
 Resuming: a stage is finished when its marker OUT/stages/<stage>.json exists (written by this
 module after the stage's main returned with every output in place; it records the stage's
@@ -127,7 +142,7 @@ class RunFlags:
 @dataclass(frozen=True)
 class RunConfig(RunFlags):
     """RunFlags plus every stage's settings. A None stage config takes the mode's defaults (the demo's
-    for the demo, the stage script's, i.e. the paper's, otherwise); the saved run_config.json holds
+    for the demo, the stage script's otherwise); the saved run_config.json holds
     them resolved, so `--config` reproduces a run exactly. Paths, seed, device and resolution in the
     stage configs are always set by the run (their values in a config file are ignored)."""
 
@@ -181,7 +196,7 @@ def resolve_run_config(cfg: RunConfig) -> RunConfig:
     defaults = demo_stage_configs() if cfg.demo else {
         "demo_data": DemoConfig(), "prior": PriorConfig(), "concept": ConceptConfig(), "condition": ConditionConfig(),
         "synthesize": SynthesizeConfig(), "evaluate": PaperConfig()}
-    if cfg.ckpt and not cfg.data:  # real SD on the demo data: the demo's data, the paper's training settings
+    if cfg.ckpt and not cfg.data:  # real SD on the demo data: the demo's data, the stage scripts' settings
         defaults["demo_data"] = demo_stage_configs()["demo_data"]
     filled = {name: getattr(cfg, name) if getattr(cfg, name) is not None else value for name, value in defaults.items()}
     scale = DEMO_EXTRA_STEPS if cfg.demo else {"concept": 1.0, "condition": 1.0}

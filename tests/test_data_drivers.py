@@ -72,6 +72,31 @@ def test_defective_and_defect_free_drivers_share_the_procedure():
     assert plain.max() <= 50 and np.array_equal(plain[..., 0], topology_map(free))
 
 
+def test_inpaint_defects_removes_the_halo():
+    # A 512 px texture with a 5 px dark line (the measurement): the default driver of the
+    # defective image differs from the defect-free surface's around the paint (the halo); with
+    # inpaint_defects it differs only within the inpainting's reach of the mask.
+    rng = np.random.default_rng(3)
+    free = np.clip(128 + 25 * np.sin(np.arange(512) / 9.0)[None, :] + rng.normal(0, 12, (512, 512)),
+                   0, 255).astype(np.uint8)
+    defective = free.copy()
+    mask = np.zeros((512, 512), bool)
+    mask[250:255, 60:450] = True
+    defective[mask] = 10
+    rgb = lambda grey: np.dstack([grey] * 3)  # noqa: E731
+    instances = [(mask, 1)]
+    outside = ~mask
+    halo = (render_driver(rgb(defective), instances) != render_driver(rgb(free), instances)).any(axis=2) & outside
+    on = DriverConfig(inpaint_defects=True)
+    after = (render_driver(rgb(defective), instances, on) != render_driver(rgb(free), instances, on)).any(axis=2)
+    assert halo.sum() > 2000  # thousands of pixels change around the line without the option
+    assert (after & outside).sum() < halo.sum() / 10
+    # defect-free images with no instances: the option changes nothing
+    assert np.array_equal(render_driver(rgb(free), None, on), render_driver(rgb(free)))
+    with pytest.raises(ValueError, match="inpaint_radius"):
+        DriverConfig(inpaint_radius=0)
+
+
 def test_parameters_are_named_and_checked():
     image = textured(3)
     level = topology_map(image, DriverConfig(background_level=30, upsample="nearest"))

@@ -66,7 +66,8 @@ class ConceptConfig(FineTuneOptions):
 
     data: str = field(default="", metadata={"help": "instance images: a COCO folder holding "
                                                     "annotations.json, or the COCO JSON itself"})
-    steps: int = field(default=800, metadata={"help": "optimizer steps"})
+    steps: int = field(default=800, metadata={
+        "help": "optimizer steps (ours, in the range of diffusers' DreamBooth example; this paper states none)"})
     seed: int = field(default=0, metadata={"help": "run seed (class images, data order, noise)"})
     # ---- prompts
     identifier: str = field(default="sks", metadata={"help": "rare single-token identifier [V]"})
@@ -77,7 +78,9 @@ class ConceptConfig(FineTuneOptions):
     # ---- prior preservation
     with_prior: bool = field(default=True, metadata={"help": "use class images and the prior loss"})
     prior_loss_weight: float = field(default=1.0, metadata={"help": "weight of the class-image MSE"})
-    num_class_images: int = field(default=200, metadata={"help": "class images to generate and use"})
+    num_class_images: int = field(default=200, metadata={
+        "help": "class images to generate and use (within the 100-200 of the DreamBooth paper and diffusers' "
+                "example; this paper states none)"})
     class_dir: str = field(default="", metadata={"help": "class image folder (default OUT/class_images)"})
     class_sampler: str = field(default="ddpm", metadata={"help": "sampler for class images",
                                                          "choices": sorted(SAMPLERS)})
@@ -88,7 +91,7 @@ class ConceptConfig(FineTuneOptions):
     batch_size: int = field(default=1, metadata={
         "help": "instance images per micro-batch and rank (plus as many class images)"})
     lr: float | None = field(default=None, metadata={
-        "help": "UNet learning rate (none: 5e-6, or 2e-6 with --train-text-encoder)"})
+        "help": "UNet learning rate (none: 5e-6, or 2e-6 with --train-text-encoder: diffusers' DreamBooth example)"})
     train_text_encoder: bool = field(default=False, metadata={"help": "fine-tune the text encoder too"})
     text_encoder_lr: float | None = field(default=None, metadata={"help": "text encoder lr (none: --lr)"})
     cache_latents: bool = field(default=True, metadata={"help": "encode every image once (VAE mean/std)"})

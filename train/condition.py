@@ -15,7 +15,8 @@ encoder) stay frozen; only the control copy trains, on
 with the plain diffusion objective: loss = mean((unet(z_t, t, c, control(z_t, t, c, hint)) - target)^2),
 target eps or v per the model's prediction type (train/diffusion.py). As in the original
 (lllyasviel/ControlNet cldm):
-  - prompts are replaced by "" with probability --drop-prompt-rate (0.5, as the paper), so the
+  - prompts are replaced by "" with probability --drop-prompt-rate (0.5, as the ControlNet paper
+    trains; Valvano et al. state no rate), so the
     control learns to read the hint alone; the draws come from their own seeded generator;
   - --no-sd-locked also trains the UNet's decoder half (output_blocks + out) at --decoder-lr;
   - --only-mid-control adds only the middle-block residual; the skip residuals' zero convs then
@@ -103,7 +104,8 @@ class ConditionConfig(FineTuneOptions):
                                                     "concept.safetensors), any SD file or diffusers folder"})
     data: str = field(default="", metadata={"help": "annotated defective images: a COCO folder holding "
                                                     "annotations.json, or the COCO JSON itself"})
-    steps: int = field(default=5000, metadata={"help": "optimizer steps"})
+    steps: int = field(default=5000, metadata={
+        "help": "optimizer steps (ours: neither this paper nor ControlNet's fixes a count)"})
     seed: int = field(default=0, metadata={"help": "run seed (data order, noise, prompt dropping, samples)"})
     checkpoint_every: int = field(default=500, metadata={"help": "steps between checkpoints (0: end only)"})
     validation_steps: int = field(default=20, metadata={"help": "sampler steps of the validation samples"})
@@ -120,6 +122,9 @@ class ConditionConfig(FineTuneOptions):
     driver_background_level: int = field(default=50, metadata={"help": "driver: grey level of the topology"})
     driver_upsample: str = field(default="linear", metadata={"help": "driver: resize back",
                                                              "choices": sorted(UPSAMPLING)})
+    driver_inpaint_defects: bool = field(default=False, metadata={
+        "help": "driver: threshold the image with its defects inpainted, so no halo of changed topology "
+                "surrounds the paint (ours, beyond the paper; measured in docs/data.md)"})
     # ---- prompts (data/prompts.py)
     identifier: str = field(default="sks", metadata={"help": "the concept's identifier token [V]"})
     prompt_template: str = field(default=PromptConfig.template, metadata={"help": "prompt for one defect class"})
@@ -127,7 +132,8 @@ class ConditionConfig(FineTuneOptions):
         "help": "prompt for several defect classes"})
     empty_prompt_template: str = field(default=PromptConfig.empty_template, metadata={
         "help": "prompt for an image without annotations"})
-    drop_prompt_rate: float = field(default=0.5, metadata={"help": "fraction of prompts replaced by \"\""})
+    drop_prompt_rate: float = field(default=0.5, metadata={
+        "help": "fraction of prompts replaced by \"\" (0.5: the ControlNet paper's training; this paper states none)"})
     # ---- control (as the original ControlNet)
     sd_locked: bool = field(default=True, metadata={
         "help": "keep the whole UNet frozen; --no-sd-locked also trains its decoder (output_blocks + out)"})
@@ -153,7 +159,8 @@ class ConditionConfig(FineTuneOptions):
     @property
     def driver_config(self) -> DriverConfig:
         return DriverConfig(self.driver_downscale, self.driver_threshold_method, self.driver_block_size,
-                            self.driver_threshold_c, self.driver_background_level, self.driver_upsample)
+                            self.driver_threshold_c, self.driver_background_level, self.driver_upsample,
+                            inpaint_defects=self.driver_inpaint_defects)
 
     @property
     def prompt_config(self) -> PromptConfig:
