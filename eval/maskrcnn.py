@@ -23,6 +23,7 @@ and last the `DONE` marker. A rerun skips finished phases and resumes unfinished
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -49,6 +50,9 @@ DONE = "DONE"
 # Class-specific layers, re-initialised when an init file was trained for another class count.
 CLASS_SPECIFIC = ("roi_heads.box_predictor.cls_score.", "roi_heads.box_predictor.bbox_pred.",
                   "roi_heads.mask_predictor.mask_fcn_logits.")
+# FPN backbones: torchvision's Mask R-CNN uses resnet50 (the paper's model); the smaller ResNets
+# make the same MaskRCNN class that learns in minutes on a CPU (the demo).
+BACKBONES = ("resnet50", "resnet34", "resnet18")
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,18 @@ class MaskRCNNConfig:
                 "differs) or an ImageNet ResNet-50 backbone; default: from scratch"})
     trainable_backbone_layers: int | None = field(default=None, metadata={
         "help": "0-5; default 5 from scratch, 3 with --init-weights"})
+    backbone: str = field(default="resnet50", metadata={
+        "help": "ResNet of the FPN backbone (torchvision's Mask R-CNN is resnet50; resnet18/34 learn faster "
+                "on a CPU, the demo's choice)", "choices": list(BACKBONES)})
+    fpn_channels: int = field(default=256, metadata={
+        "help": "channels of the FPN and of the box / mask heads (torchvision: 256, a 1024-wide box MLP); fewer "
+                "make the same model several times cheaper (the demo: 64, a 256-wide box MLP)"})
+    anchor_sizes: tuple[int, ...] = field(default=(32, 64, 128, 256, 512), metadata={
+        "help": "RPN anchor side per FPN level, 5 values (torchvision's default; small defects in small images "
+                "want smaller ones, the demo: 8 16 32 64 128)"})
+    precision: str = field(default="auto", metadata={
+        "help": "autocast dtype of training and inference (auto: bf16 on CUDA and on CPUs with native bf16, "
+                "else fp32); the weights stay float32", "choices": ["auto", "fp32", "bf16"]})
     rois_per_image: int = field(default=512, metadata={
         "help": "RoIs sampled per image for the box/mask heads in training (torchvision: 512; fewer is faster on CPU)"})
     detections_per_image: int = field(default=100, metadata={
@@ -94,11 +110,17 @@ class MaskRCNNConfig:
 
 def build_maskrcnn(num_classes: int, min_size: int = 512, max_size: int = 512, pretrained_layout: bool = False,
                    trainable_backbone_layers: int | None = None, rois_per_image: int = 512,
-                   detections_per_image: int = 100) -> torch.nn.Module:
-    """torchvision Mask R-CNN ResNet-50-FPN with `num_classes` (background included), random weights.
+                   detections_per_image: int = 100, backbone: str = "resnet50",
+                   fpn_channels: int = 256, anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)) -> torch.nn.Module:
+    """torchvision Mask R-CNN with a ResNet-FPN `backbone` (BACKBONES; resnet50 with 256 `fpn_channels`
+    is torchvision's `maskrcnn_resnet50_fpn`) and `num_classes` (background included), random weights.
+    `fpn_channels` other than 256 narrows the FPN and the heads with it: the mask head's four convs
+    and its deconvolution have that width, the box head's two-layer MLP 4x that width (torchvision:
+    1024 for 256). `anchor_sizes`: the RPN's anchor side on each of the 5 FPN levels (aspect ratios
+    0.5, 1, 2 as torchvision's); torchvision's default (32 ... 512) is built when they are its own.
 
-    pretrained_layout False: `maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)`, the
-    from-scratch setup (BatchNorm trained, all 5 backbone stages trainable). True: the layout
+    pretrained_layout False: the from-scratch setup of `maskrcnn_resnet50_fpn(weights=None,
+    weights_backbone=None)` (BatchNorm trained, all 5 backbone stages trainable). True: the layout
     torchvision uses around pretrained weights (frozen BatchNorm, `trainable_backbone_layers`
     stages trainable, default 3), ready for `load_init_weights`.
     """
@@ -106,14 +128,52 @@ def build_maskrcnn(num_classes: int, min_size: int = 512, max_size: int = 512, p
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
     from torchvision.ops import FrozenBatchNorm2d
 
+    if backbone not in BACKBONES:
+        raise ValueError(f"eval.maskrcnn: --backbone must be one of {list(BACKBONES)}, got {backbone!r}")
     heads = dict(min_size=min_size, max_size=max_size, box_batch_size_per_image=rois_per_image,
                  box_detections_per_img=detections_per_image)
-    if not pretrained_layout:
+    if len(anchor_sizes) != 5 or min(anchor_sizes) < 1:
+        raise ValueError(f"eval.maskrcnn: --anchor-sizes takes 5 positive sides (one per FPN level), got {list(anchor_sizes)}")
+    if tuple(anchor_sizes) != (32, 64, 128, 256, 512):
+        from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+        heads["rpn_anchor_generator"] = AnchorGenerator(tuple((int(a),) for a in anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
+    if fpn_channels < 1:
+        raise ValueError(f"eval.maskrcnn: --fpn-channels must be at least 1, got {fpn_channels}")
+    if not pretrained_layout and backbone == "resnet50" and fpn_channels == 256:
         return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes, **heads)
-    layers = 3 if trainable_backbone_layers is None else trainable_backbone_layers
-    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d,
-                                   trainable_layers=layers)
-    return MaskRCNN(backbone, num_classes=num_classes, **heads)
+    if pretrained_layout:
+        norm_layer, layers = FrozenBatchNorm2d, 3 if trainable_backbone_layers is None else trainable_backbone_layers
+    else:  # what maskrcnn_resnet50_fpn builds without weights, on a smaller ResNet
+        norm_layer, layers = torch.nn.BatchNorm2d, 5
+    body = resnet_fpn_backbone(backbone_name=backbone, weights=None, norm_layer=norm_layer, trainable_layers=layers)
+    if fpn_channels == 256:
+        return MaskRCNN(body, num_classes=num_classes, **heads)
+    return MaskRCNN(narrow_fpn(body, fpn_channels), num_classes=None, **heads, **narrow_heads(fpn_channels, num_classes))
+
+
+def narrow_fpn(body: torch.nn.Module, channels: int) -> torch.nn.Module:
+    """`body` (torchvision's BackboneWithFPN, 256 channels) with its FPN rebuilt at `channels`: the
+    same layers (inner 1x1 and layer 3x3 convs per level, the max-pool level), narrower."""
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+    in_channels = [block.in_channels for block in (b[0] for b in body.fpn.inner_blocks)]
+    narrow = BackboneWithFPN(body.body, {}, in_channels, channels, extra_blocks=LastLevelMaxPool())
+    narrow.body = body.body  # the IntermediateLayerGetter already built (its return_layers kept)
+    return narrow
+
+
+def narrow_heads(channels: int, num_classes: int) -> dict[str, torch.nn.Module]:
+    """MaskRCNN's box and mask heads at `channels` (torchvision's defaults scaled by channels / 256)."""
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+
+    representation = 4 * channels  # torchvision: 1024 for 256 channels
+    return {"box_head": TwoMLPHead(channels * 7 * 7, representation),  # RoIAlign 7x7 of each level
+            "box_predictor": FastRCNNPredictor(representation, num_classes),
+            "mask_head": MaskRCNNHeads(channels, (channels,) * 4, 1),
+            "mask_predictor": MaskRCNNPredictor(channels, channels, num_classes)}
 
 
 def load_init_weights(model: torch.nn.Module, path: str | Path) -> None:
@@ -152,7 +212,29 @@ def load_init_weights(model: torch.nn.Module, path: str | Path) -> None:
 def model_for(cfg: "MaskRCNNConfig", num_classes: int) -> torch.nn.Module:
     """The benchmark's detector architecture for `cfg` (random weights)."""
     return build_maskrcnn(num_classes, cfg.min_size, cfg.max_size, cfg.init_weights is not None,
-                          cfg.trainable_backbone_layers, cfg.rois_per_image, cfg.detections_per_image)
+                          cfg.trainable_backbone_layers, cfg.rois_per_image, cfg.detections_per_image,
+                          cfg.backbone, cfg.fpn_channels, cfg.anchor_sizes)
+
+
+def detector_autocast(device: str | torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """torch.autocast in `precision` ("fp32": a no-op, "bf16"; see `resolved_precision`). The
+    weights and the SGD update stay float32."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"eval.maskrcnn: precision {precision!r} is not resolved (fp32 or bf16)")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def resolved_precision(cfg: "MaskRCNNConfig", announce: bool = True) -> "MaskRCNNConfig":
+    """`cfg` with precision "auto" replaced by what its device runs (sample.runtime.resolve_dtype),
+    and (`announce`) the choice printed."""
+    from dataclasses import replace as replace_fields
+
+    from sample.runtime import resolve_device, resolve_dtype
+
+    dtype = resolve_dtype(cfg.precision, resolve_device(cfg.device), announce="eval.maskrcnn" if announce else "")
+    return replace_fields(cfg, precision="bf16" if dtype == torch.bfloat16 else "fp32")
 
 
 def lr_at(step: int, cfg: MaskRCNNConfig) -> float:
@@ -169,7 +251,7 @@ def _train_signature(cfg: MaskRCNNConfig, dataset: InstanceDataset, seed: int, i
     """What must be equal for a checkpoint to be resumed."""
     keys = ("iterations", "batch_size", "lr", "momentum", "weight_decay", "warmup_iterations", "lr_decay_at",
             "grad_clip", "min_size", "max_size", "init_weights", "trainable_backbone_layers", "hflip",
-            "rois_per_image")
+            "rois_per_image", "backbone", "fpn_channels", "anchor_sizes", "precision")
     out = {k: config_to_dict(cfg)[k] for k in keys}
     out.update(seed=seed, init_from=init_from, num_images=len(dataset),
                image_ids=[int(im["id"]) for im in dataset.images][:1000])
@@ -184,6 +266,7 @@ def train_phase(phase_dir: Path, dataset: InstanceDataset, num_classes: int, cfg
     if (phase_dir / DONE).is_file():
         return final, None
     phase_dir.mkdir(parents=True, exist_ok=True)
+    cfg = resolved_precision(cfg, announce=False)  # run_benchmark resolved (and announced) it already
     device = torch.device(cfg.device)
     # One seed for the random initialisation and the training randomness (RPN / RoI sampling):
     # every phase of a repeat starts from the same weights, so experiments are paired.
@@ -229,7 +312,8 @@ def train_phase(phase_dir: Path, dataset: InstanceDataset, num_classes: int, cfg
         targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        loss_dict = model(images, targets)
+        with detector_autocast(device, cfg.precision):
+            loss_dict = {k: v.float() for k, v in model(images, targets).items()}
         loss = sum(loss_dict.values())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{phase_dir.name}: non-finite loss at step {step}: "
@@ -257,15 +341,17 @@ def train_phase(phase_dir: Path, dataset: InstanceDataset, num_classes: int, cfg
 
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, test: InstanceDataset, label_map: LabelMap, score_threshold: float = 0.5,
-                   device: str = "cpu", progress: bool = True) -> dict[str, Any]:
-    """COCO segm/bbox mAP, per-class AP, mean matched IoU and mean normalised Hausdorff on `test`."""
+                   device: str = "cpu", progress: bool = True, precision: str = "fp32") -> dict[str, Any]:
+    """COCO segm/bbox mAP, per-class AP, mean matched IoU and mean normalised Hausdorff on `test`
+    (`precision`: "bf16" runs the model under autocast)."""
     model.to(device).eval()
     cat_of_label = {label: cat for cat, label in test.label_of.items()}
     accumulator = InstanceAccumulator(score_threshold=score_threshold)
     detections = []
     for index in tqdm(range(len(test)), desc="evaluate", disable=not progress):
         record = test.images[index]
-        out = model([test.image(index).to(device)])[0]
+        with detector_autocast(device, precision):
+            out = {k: v.float() if v.is_floating_point() else v for k, v in model([test.image(index).to(device)])[0].items()}
         masks = (out["masks"][:, 0] > 0.5).cpu().numpy().astype(np.uint8)  # (P, 1, H, W) probabilities -> (P, H, W)
         boxes, scores = out["boxes"].cpu().numpy(), out["scores"].cpu().numpy()
         cats = [cat_of_label[int(label)] for label in out["labels"].cpu()]
@@ -294,7 +380,8 @@ def evaluate_phase(weights: Path, test: InstanceDataset, label_map: LabelMap, cf
     if model is None:
         model = model_for(cfg, label_map.num_classes)
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
-    metrics = evaluate_model(model, test, label_map, cfg.score_threshold, cfg.device, cfg.progress)
+    metrics = evaluate_model(model, test, label_map, cfg.score_threshold, cfg.device, cfg.progress,
+                             resolved_precision(cfg, announce=False).precision)
     train = load_json(weights.parent / "train.json")
     metrics.update(train_seconds=train["train_seconds"], seconds_per_step=train["seconds_per_step"])
     write_json_atomic(cache, metrics, indent=1)
@@ -369,6 +456,7 @@ def run_benchmark(cfg: MaskRCNNConfig) -> dict[str, Any]:
         raise UserError(f"--experiments: unknown {unknown}; choose from {list(EXPERIMENTS)}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    cfg = resolved_precision(cfg)
     train, test, synthetic = prepare_splits(cfg, out)
     label_map = LabelMap.from_coco(train)
     test_ds = InstanceDataset(test, label_map, cfg.test or "real test split")

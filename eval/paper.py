@@ -103,6 +103,8 @@ class PaperConfig:
         "choices": ["resnet50", "resnet34", "resnet18"]})
     fpn_channels: int = field(default=256, metadata={
         "help": "Mask R-CNN FPN and head width (256: torchvision's; see eval.maskrcnn)"})
+    anchor_sizes: tuple[int, ...] = field(default=(32, 64, 128, 256, 512), metadata={
+        "help": "Mask R-CNN RPN anchor side per FPN level (torchvision's default; see eval.maskrcnn)"})
     precision: str = field(default="auto", metadata={
         "help": "Mask R-CNN autocast (auto: bf16 on CUDA and on CPUs with native bf16, else fp32)",
         "choices": ["auto", "fp32", "bf16"]})
@@ -217,7 +219,8 @@ def run_detection_tables(cfg: PaperConfig, out: Path) -> dict[str, dict[str, Any
                               min_size=cfg.min_size, max_size=cfg.max_size, init_weights=cfg.init_weights,
                               rois_per_image=cfg.rois_per_image, detections_per_image=cfg.detections_per_image,
                               checkpoint_every=cfg.checkpoint_every, device=cfg.device, progress=cfg.progress,
-                              backbone=cfg.backbone, fpn_channels=cfg.fpn_channels, precision=cfg.precision)
+                              backbone=cfg.backbone, fpn_channels=cfg.fpn_channels, anchor_sizes=cfg.anchor_sizes,
+                              precision=cfg.precision)
         tables[table] = {"summary": run_benchmark(mcfg), "real": real, "synthetic": synthetic, "test": sets["test"]}
     return tables
 
