@@ -215,7 +215,7 @@ def read_pickle(path: str | os.PathLike) -> DictFile:
             f"falls back to unsafe loading; if you trust the file, convert it to .safetensors with a "
             f"tool you trust." + (f" ({detail})" if detail else "")
         ) from err
-    except (EOFError, OSError, RuntimeError, ValueError, TypeError) as err:
+    except Exception as err:  # noqa: BLE001 - torch's unpickler on a non-checkpoint raises anything (IndexError, ...)
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {err})") from err
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
