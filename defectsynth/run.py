@@ -63,6 +63,7 @@ from typing import Any, Callable
 import torch
 
 from data.demo import DemoConfig
+from defectsynth.device import resolve_device
 from defectsynth.run_report import write_report
 from defectsynth.errors import UserError, command
 from defectsynth.runconfig import add_dataclass_arguments, config_to_dict, load_config_json, save_config_json
@@ -173,10 +174,11 @@ def demo_stage_configs() -> dict[str, Any]:
         "prior": PriorConfig(vae_steps=160, unet_steps=360, vae_batch_size=8, unet_batch_size=16, num_samples=16),
         "concept": ConceptConfig(steps=150, lr=1e-4, num_class_images=32, class_steps=25, class_guidance=3.0,
                                  class_batch_size=16, batch_size=4, checkpoint_every=50, validate_every=0,
-                                 num_validation_images=8, validation_steps=20, validation_guidance=3.0),
+                                 num_validation_images=8, validation_sampler_steps=20, validation_guidance=3.0),
         # lr 1e-3 (ControlNet: 1e-5): measured on this demo, adherence 0.05 -> 0.37 in 300 steps (1e-4: no change)
         "condition": ConditionConfig(steps=400, lr=1e-3, batch_size=8, checkpoint_every=100, validate_every=100,
-                                     num_validation=8, validation_steps=20, validation_guidance=3.0),
+                                     num_validation_images=8, validation_sampler_steps=20,
+                                     validation_guidance=3.0),
         "synthesize": SynthesizeConfig(variants=2, samples_per_driver=3, steps=20, guidance=3.0, batch=16,
                                        sheet_pairs=6),
         "evaluate": PaperConfig(iterations=10, batch_size=2, min_size=128, max_size=128, rois_per_image=64,
@@ -235,7 +237,8 @@ class Stage:
 
 
 def resolved_device(device: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    """--device as every stage gets it ("auto" -> cuda if available, else cpu; defectsynth/device.py)."""
+    return str(resolve_device(device))
 
 
 def plan(cfg: RunConfig) -> list[Stage]:
@@ -501,7 +504,7 @@ def main(cfg: RunConfig) -> RunResult:
                              f"or use a new --out")
     threads = pick_threads(cfg.threads)
     torch.set_num_threads(threads)
-    save_config_json(cfg, out / "run_config.json")
+    save_config_json(cfg, out / "run_config.json", provenance=True)
     mode = "demo (procedural data, tiny prior)" if cfg.demo else f"real (--ckpt {cfg.ckpt or 'tiny prior'})"
     print(f"defectsynth run: {mode} -> {out}; {threads} torch thread(s); load average "
           f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")

@@ -78,8 +78,8 @@ def resolve_condition(cfg: SynthesizeConfig) -> dict[str, Any]:
     driver = config_from_dict(DriverConfig, record["driver"], "control record driver") if "driver" in record else None
     prompt = config_from_dict(PromptConfig, record["prompt"], "control record prompt") if "prompt" in record else None
     driver, prompt = driver or DriverConfig(), prompt or PromptConfig()
-    if cfg.token:
-        prompt = dataclasses.replace(prompt, token=cfg.token)
+    if cfg.identifier:
+        prompt = dataclasses.replace(prompt, token=cfg.identifier)
     return {"hint": kind, "reason": reason, "driver": driver, "prompt": prompt,
             "only_mid_control": bool(record.get("only_mid_control")), "record": record}
 

@@ -6,7 +6,7 @@ annotations, known by construction ("self-annotated defect-free", SADF).
 
     python -m sample.synthesize --ckpt runs/condition/base.safetensors --control runs/condition/control.safetensors \\
         --free runs/demo/free.json --masks runs/demo/annotations.json --out runs/sadf \\
-        [--variants 10] [--samples-per-driver 15] [--sampler dpmpp] [--steps 20] [--guidance 7.5] [--batch 8]
+        [--variants 10] [--samples-per-driver 15] [--sampler dpmpp] [--steps 20] [--guidance 7.5] [--batch-size 8]
     torchrun --nproc_per_node 4 -m sample.synthesize ...        # one shard per GPU; rank 0 writes sadf.json
     python -m sample.synthesize ... --shard 1 --num-shards 2     # manual shards (e.g. machines), then:
     python -m sample.synthesize --out runs/sadf --merge-only
@@ -27,7 +27,7 @@ Writes, in OUT:
 
 The job list (sample/sadf_jobs.py) is a pure function of the settings: image id j + 1 is sample
 j % k of pair j // k with seed derive_seed(seed, "synthesize", pair, sample), made in fixed batch
-j // --batch, so shards and reruns agree and any image can be regenerated bit for bit from its
+j // --batch-size, so shards and reruns agree and any image can be regenerated bit for bit from its
 record (the record names its generate() call: rows, seeds, and its row). A rerun skips batches whose
 records exist; `--max-images` stops after that many new images (whole batches) and a rerun continues.
 (Recording the batch keeps batched sampling at full speed; generate(batch_invariant=True) would make
@@ -108,7 +108,8 @@ class SynthesizeConfig:
     instances: tuple[int, ...] = field(default=(1, 3), metadata={"help": "--draw instances: min max instances"})
     condition: str = field(default="auto", metadata={
         "help": "hint kind (auto: the control's training record, else driver)", "choices": ["auto", *HINT_KINDS]})
-    token: str = field(default="", metadata={"help": "identifier token [V] (empty: the control's record, else sks)"})
+    identifier: str = field(default="", metadata={"help": "identifier token [V] (empty: the control's record, else sks)",
+                                                  "formerly": ("token",)})
     seed: int = field(default=0, metadata={"help": "run seed (pairs, sample seeds, random weights)"})
     # ---- sampler
     sampler: str = field(default="dpmpp", metadata={"help": "sampler", "choices": sorted(SAMPLERS)})
@@ -124,8 +125,9 @@ class SynthesizeConfig:
     blank_std: float = field(default=2.0, metadata={
         "help": "an output whose pixel std (grey levels, 0..255) is below this is blank"})
     # ---- run (these do not change the dataset)
-    batch: int = field(default=8, metadata={"help": "images per generate() call"})
-    dtype: str = field(default="auto", metadata={"help": "model dtype (auto: bf16 on CUDA, fp32 on CPU)",
+    batch: int = field(default=8, metadata={"help": "images per generate() call", "flag": "batch_size",
+                                            "formerly": ("batch",)})
+    dtype: str = field(default="auto", metadata={"help": "model dtype (auto: bf16 on CUDA and on CPUs with native bf16 (AMX / AVX-512 BF16), else fp32)",
                                                  "choices": ["auto", *DTYPES]})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 (torchrun: cuda:LOCAL_RANK)"})
     save_drivers: bool = field(default=False, metadata={"help": "also write each pair's hint to OUT/drivers/"})
@@ -184,7 +186,8 @@ def prepare(cfg: SynthesizeConfig, device: torch.device, dtype: torch.dtype, loa
         pairs = SadfPairs(free, annotated, pairing, seed=cfg.seed)
     except ValueError as err:
         raise SynthesisError(f"sample.synthesize: {err}") from err
-    cfg = dataclasses.replace(cfg, resolution=resolution, dtype=dtype_name(dtype), token=condition["prompt"].token,
+    cfg = dataclasses.replace(cfg, resolution=resolution, dtype=dtype_name(dtype),
+                              identifier=condition["prompt"].token,
                               condition=condition["hint"], free=str(Path(cfg.free).resolve()),
                               masks=str(Path(cfg.masks).resolve()),
                               prediction_type=sd.prediction_type if sd is not None else cfg.prediction_type,
@@ -395,7 +398,7 @@ def main(cfg: SynthesizeConfig) -> SynthesizeResult | np.ndarray:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
-        run = prepare(cfg, device, resolve_dtype(cfg.dtype, device))
+        run = prepare(cfg, device, resolve_dtype(cfg.dtype, device, announce="sample.synthesize" if rank == 0 else ""))
         shard, num_shards = cfg.shard * world + rank, cfg.num_shards * world
         # Rank 0 hashes the model files (cached) and writes or checks synthesize.json; the others read it.
         if rank == 0:

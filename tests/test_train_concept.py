@@ -204,7 +204,7 @@ def test_class_images_are_resumable(demo_data, tmp_path, monkeypatch):
 
 def test_export_loads_back_identically_and_trains_from_our_file(demo_data, class_dir, tmp_path):
     result = concept.main(tiny_config(demo_data, tmp_path / "run", class_dir, steps=2, save_diffusers=True,
-                                      num_validation_images=2, validation_steps=2, train_text_encoder=True,
+                                      num_validation_images=2, validation_sampler_steps=2, train_text_encoder=True,
                                       lr=1e-3))
     with torch.random.fork_rng():
         torch.manual_seed(0)

@@ -39,7 +39,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny_config(data: Path, out: Path, **overrides) -> ConditionConfig:
     base = dict(preset="tiny", random_weights=True, data=str(data), out=str(out), steps=3, batch_size=2,
-                log_every=1, checkpoint_every=0, validate_every=0, num_validation=0, progress=False, lr=1e-3)
+                log_every=1, checkpoint_every=0, validate_every=0, num_validation_images=0, progress=False, lr=1e-3)
     base.update(overrides)
     return ConditionConfig(**base)
 
@@ -169,11 +169,50 @@ def test_uncached_augmented_batches_train_like_the_cache(demo_data, tmp_path):
 def test_validation_rounds_do_not_change_training(demo_data, tmp_path):
     plain = condition.main(tiny_config(demo_data, tmp_path / "plain", steps=2, hflip=True))
     validated = condition.main(tiny_config(demo_data, tmp_path / "validated", steps=2, hflip=True, validate_every=1,
-                                           num_validation=1, validation_steps=1))
+                                           num_validation_images=1, validation_sampler_steps=1))
     assert [r["step"] for r in validated.validation] == [0, 1, 2]
     assert validated.history == plain.history
     assert all(torch.equal(a, b) for a, b in zip(plain.control.state_dict().values(),
                                                  validated.control.state_dict().values()))
+
+
+@pytest.mark.parametrize("cache_latents", [True, False])
+def test_each_row_trains_on_its_own_items_latents_and_hint(demo_data, tmp_path, monkeypatch, cache_latents):
+    """Row i of every training batch carries the VAE posterior and the hint of the same item, the
+    one the data order picked for that row (from the cache, or loaded per batch): a latent of one
+    image trained against another image's driver would teach the control nothing."""
+    taken, means, hints = [], [], []
+    real_take, real_latents, real_output = condition.IndexStream.take_for_rank, condition.sample_latents, \
+        condition.controlled_output
+
+    def take(self, per_rank, rank, world_size):
+        taken.append(real_take(self, per_rank, rank, world_size))
+        return taken[-1]
+
+    def latents(mean, std, scale, generator):
+        means.append(mean.detach().clone())
+        return real_latents(mean, std, scale, generator)
+
+    def output(unet, control, x, t, context, hint, only_mid_control=False):
+        hints.append(hint.detach().clone())
+        return real_output(unet, control, x, t, context, hint, only_mid_control)
+
+    monkeypatch.setattr(condition.IndexStream, "take_for_rank", take)
+    monkeypatch.setattr(condition, "sample_latents", latents)
+    monkeypatch.setattr(condition, "controlled_output", output)
+    result = condition.main(tiny_config(demo_data, tmp_path / "run", steps=3, batch_size=3,
+                                        cache_latents=cache_latents))
+    dataset = ConditionDataset(load_coco(demo_data / "annotations.json", progress=False), 64, return_masks=True)
+    assert len(taken) == len(means) == len(hints) == 3
+    assert len({tuple(t) for t in taken}) > 1  # the order moves, so a fixed row -> item map cannot pass
+    with torch.no_grad():
+        for indices, mean, hint in zip(taken, means, hints):
+            for row, index in enumerate(indices):
+                item = dataset[index]
+                assert torch.equal(hint[row], item_hint(item, "driver")), (indices, row)
+                own = result.model.vae.encode(item["image"][None]).mean[0]
+                torch.testing.assert_close(mean[row], own, atol=1e-5, rtol=0)  # batched vs alone: rounding
+    assert len({tuple(h.flatten().tolist()) for h in hints[0]}) == 3  # the rows' hints differ
 
 
 def test_inpaint_hints_come_from_data_hints(demo_data):
@@ -190,7 +229,7 @@ def test_inpaint_run_validates_exports_and_generates_again(demo_data, tmp_path):
     tuned = tmp_path / "tuned.safetensors"
     save_ldm(random_pipeline("tiny", seed=5), tuned)
     cfg = tiny_config(demo_data, tmp_path / "run", steps=2, random_weights=False, ckpt=str(tuned),
-                      condition="inpaint", validate_every=1, num_validation=2, validation_steps=2, ema=True,
+                      condition="inpaint", validate_every=1, num_validation_images=2, validation_sampler_steps=2, ema=True,
                       export_ema=True, validation_data=str(demo_data / "annotations.json"))
     result = condition.main(cfg)
     out = tmp_path / "run"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 from data.coco import load_coco
 from data.datasets import ConceptDataset
 from data.files import write_image_atomic, write_json_atomic
-from data.images import tensor_to_image
+from data.images import list_images, tensor_to_image
 from data.seeding import derive_seed
 from defectsynth.errors import UserError, command
 from defectsynth.runconfig import config_from_args, parser_from_dataclass, save_config_json
@@ -48,7 +49,8 @@ from train.data_order import IndexStream
 from train.diffusion import diffusion_target, encode_posterior, sample_latents, sample_noise, sample_timesteps
 from train.distributed import DistInfo, all_reduce_mean, any_rank, barrier, distributed_session, grad_sync, wrap_ddp
 from train.ema import EMA
-from train.monitor import MetricsLog, StopSignal, check_finite, progress_bar, save_image_grid
+from train.monitor import MetricsLog, StopSignal, check_finite, progress_bar, save_image_grid, window_mean
+from train.plot import plot_metrics
 from train.optim import build_adamw, lr_multiplier, optimizer_step, param_group
 from train.precision import autocast, frozen_copy, make_grad_scaler, precision_dtype, resolve_precision
 from train.options import RESUMABLE_CHANGES as FINE_TUNE_RESUMABLE, FineTuneOptions
@@ -56,7 +58,7 @@ from train.state import restore_training_state, save_training_state
 
 # Fields that may change between a run and its resumption (they do not change what is trained).
 TERMS = ("loss", "instance_loss", "prior_loss")  # the logged loss terms, in dreambooth_loss order
-RESUMABLE_CHANGES = FINE_TUNE_RESUMABLE | {"num_validation_images", "class_batch_size"}
+RESUMABLE_CHANGES = FINE_TUNE_RESUMABLE | {"num_validation_images", "class_batch_size", "validation_prompt"}
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,8 @@ class ConceptConfig(FineTuneOptions):
     """Learn the concept: DreamBooth fine-tuning of SD with prior preservation (paper 4.1).
     The model, optimiser and run fields it shares with train.condition are in train/options.py."""
 
-    data: str = field(default="", metadata={"help": "instance images: a COCO folder holding "
-                                                    "annotations.json, or the COCO JSON itself"})
+    data: str = field(default="", metadata={"help": "instance images: a COCO folder holding annotations.json, "
+                                                    "the COCO JSON itself, or a plain folder of images"})
     steps: int = field(default=800, metadata={
         "help": "optimizer steps (ours, in the range of diffusers' DreamBooth example; this paper states none)"})
     seed: int = field(default=0, metadata={"help": "run seed (class images, data order, noise)"})
@@ -97,17 +99,16 @@ class ConceptConfig(FineTuneOptions):
     cache_latents: bool = field(default=True, metadata={"help": "encode every image once (VAE mean/std)"})
     cache_text_embeddings: bool = field(default=True, metadata={
         "help": "encode the two prompts once (ignored with --train-text-encoder)"})
-    # ---- validation (DDIM sample grids of the instance prompt)
+    instance_prompt: str = field(default="", metadata={
+        "help": "the instance prompt (empty: --prompt-template with --identifier, 'an image of a sks')"})
+    class_prompt: str = field(default="", metadata={
+        "help": "the class prompt (empty: --prompt-template with --class-noun, 'an image of a metal surface')"})
+    # ---- validation (DDIM sample grids: the instance prompt, the class prompt, any --validation-prompt)
     validate_every: int = field(default=100, metadata={"help": "steps between sample grids (0: end only)"})
-    num_validation_images: int = field(default=4, metadata={"help": "images per grid (0: no grids)"})
-
-    @property
-    def instance_prompt(self) -> str:
-        return self.prompt_template.format(self.identifier)
-
-    @property
-    def class_prompt(self) -> str:
-        return self.prompt_template.format(self.class_noun)
+    num_validation_images: int = field(default=4, metadata={"help": "images per prompt and grid (0: no grids)"})
+    validation_prompt: tuple[str, ...] = field(default=(), metadata={
+        "help": "more prompts for the sample grids, one row each (the instance and class prompts are "
+                "always drawn: the class row shows language drift)"})
 
 
 @dataclass
@@ -129,7 +130,7 @@ def check_flags(cfg: ConceptConfig) -> None:
     if not cfg.out:
         raise UserError("train.concept: --out is required")
     if not cfg.data:
-        raise UserError("train.concept: --data is required (a COCO folder or JSON file)")
+        raise UserError("train.concept: --data is required (a COCO folder or JSON file, or a folder of images)")
     if cfg.export_ema and not cfg.ema:
         raise UserError("train.concept: --export-ema needs --ema")
     for name in ("batch_size", "grad_accum", "log_every", "class_batch_size", "class_steps"):
@@ -159,7 +160,9 @@ def check_instance_data(data: str) -> None:
 def resolve_config(cfg: ConceptConfig, model: StableDiffusion, device: torch.device) -> ConceptConfig:
     """Fill the "auto" / none fields with what this run actually uses (saved with checkpoints)."""
     check_flags(cfg)
-    precision = resolve_precision(cfg.precision, device)
+    cfg = replace(cfg, instance_prompt=cfg.instance_prompt or cfg.prompt_template.format(cfg.identifier),
+                  class_prompt=cfg.class_prompt or cfg.prompt_template.format(cfg.class_noun))
+    precision = resolve_precision(cfg.precision, device, announce="train.concept")
     lr = cfg.lr if cfg.lr is not None else (2e-6 if cfg.train_text_encoder else 5e-6)
     return replace(
         cfg, precision=precision, lr=lr,
@@ -243,6 +246,19 @@ def class_image_recipe(model: StableDiffusion, cfg: ConceptConfig) -> dict:
             "seeds": f"derive_seed({cfg.seed}, 'class_image', i)"}
 
 
+DRAWN_NAME = re.compile(r"\d{6}\.png")  # the names this script gives the class images it draws
+
+
+def class_image_paths(folder: Path, count: int) -> list[Path]:
+    """The `count` class images of `folder`: images of the user's (any names; a folder without
+    our manifest), in sorted order, then 000000.png-style names for what is still to be drawn.
+    A folder this script filled (it has the manifest) uses its own names only."""
+    own = []
+    if folder.is_dir() and not (folder / CLASS_MANIFEST).is_file():
+        own = [p for p in list_images(folder, recursive=False) if not DRAWN_NAME.fullmatch(p.name)][:count]
+    return own + [folder / f"{i:06d}.png" for i in range(len(own), count)]
+
+
 def check_class_images(folder: Path, recipe: dict, paths: list[Path], is_main: bool) -> None:
     """Class images belong to the model and settings that drew them: if the folder's manifest
     records another recipe, the images this run would use are deleted (and redrawn), saying why.
@@ -285,7 +301,7 @@ def generate_class_images(unet: nn.Module, vae: nn.Module, text_encoder: nn.Modu
     world_size-th missing index. Returns the paths of all `num_class_images` images.
     CLASS_DIR/class_images.json records what drew them (check_class_images)."""
     folder = Path(cfg.class_dir)
-    paths = [folder / f"{i:06d}.png" for i in range(cfg.num_class_images)]
+    paths = class_image_paths(folder, cfg.num_class_images)
     recipe = class_image_recipe(model, cfg)
     check_class_images(folder, recipe, paths, info.is_main)
     missing = [i for i, p in enumerate(paths) if not p.is_file()]
@@ -307,7 +323,8 @@ def generate_class_images(unet: nn.Module, vae: nn.Module, text_encoder: nn.Modu
             bar.update(len(batch) * info.world_size)
         bar.close()
     barrier()
-    if info.is_main and missing:  # this run drew (some of) them: record what drew them
+    users = any(not DRAWN_NAME.fullmatch(path.name) for path in paths)  # a folder of the user's own images
+    if info.is_main and missing and not users:  # this run drew (some of) them: record what drew them
         write_json_atomic(folder / CLASS_MANIFEST, recipe, indent=2)
     refuse_blank_class_images(paths)
     return paths
@@ -335,6 +352,19 @@ def posterior_of(indices: list[int], dataset: ConceptDataset, cache: tuple[torch
     return encode_posterior(vae, images)
 
 
+def instance_images(data: str) -> dict | list[Path]:
+    """--data: a COCO folder (annotations.json inside) or JSON file, or a plain folder of images
+    (DreamBooth's instance_data_dir: every image under it, sorted, no annotations needed)."""
+    path = Path(data)
+    if path.is_dir() and not (path / "annotations.json").is_file():
+        images = list_images(path)
+        if not images:
+            raise UserError(f"--data {path}: a folder without annotations.json and without images "
+                            f"(expected a COCO folder or a folder of .png/.jpg images)")
+        return images
+    return load_coco(path / "annotations.json" if path.is_dir() else path, progress=False)
+
+
 def trainable_weights(unet: nn.Module, text_encoder: nn.Module | None) -> dict[str, torch.Tensor]:
     """The trained tensors, keyed by network ("unet.", "text_encoder.")."""
     weights = with_prefix("unet.", unet.state_dict())
@@ -343,13 +373,15 @@ def trainable_weights(unet: nn.Module, text_encoder: nn.Module | None) -> dict[s
     return weights
 
 
-def render_samples(unet: nn.Module, vae: nn.Module, text_context: torch.Tensor, uncond: torch.Tensor,
+def render_samples(unet: nn.Module, vae: nn.Module, contexts: torch.Tensor, uncond: torch.Tensor,
                    model: StableDiffusion, cfg: ConceptConfig, step: int) -> Path:
-    """A PNG grid of the instance prompt from fixed seeds (the same seeds at every step)."""
+    """A PNG grid, one row per prompt (instance, class, then each --validation-prompt; contexts
+    (P, 77, D) in that order), the same fixed seeds in every row and at every step."""
     seeds = [derive_seed(cfg.seed, "validation", i) for i in range(cfg.num_validation_images)]
-    images = generate_images(unet, vae, model, text_context, uncond, seeds, "ddim", cfg.validation_steps,
-                             cfg.validation_guidance, cfg.resolution, cfg.precision)
-    return save_image_grid(images, Path(cfg.out) / "samples" / f"step_{step:08d}.png")
+    rows = [generate_images(unet, vae, model, contexts[p:p + 1], uncond, seeds, "ddim", cfg.validation_sampler_steps,
+                            cfg.validation_guidance, cfg.resolution, cfg.precision) for p in range(len(contexts))]
+    return save_image_grid(torch.cat(rows), Path(cfg.out) / "samples" / f"step_{step:08d}.png",
+                           nrow=cfg.num_validation_images)
 
 
 def export_model(model: StableDiffusion, cfg: ConceptConfig, ema: EMA | None,
@@ -357,17 +389,17 @@ def export_model(model: StableDiffusion, cfg: ConceptConfig, ema: EMA | None,
     """Write the tuned model: single file (+ diffusers folder) (+ the same with EMA weights)."""
     out = Path(cfg.out)
     written = {"ldm": out / "concept.safetensors"}
-    save_ldm(model, written["ldm"])
+    save_ldm(model, written["ldm"], dtype=cfg.save_dtype)
     if cfg.save_diffusers:
         written["diffusers"] = out / "diffusers"
-        save_diffusers(model, written["diffusers"])
+        save_diffusers(model, written["diffusers"], dtype=cfg.save_dtype)
     if cfg.export_ema and ema is not None:
         with ema.applied(params):
             written["ldm_ema"] = out / "concept_ema.safetensors"
-            save_ldm(model, written["ldm_ema"])
+            save_ldm(model, written["ldm_ema"], dtype=cfg.save_dtype)
             if cfg.save_diffusers:
                 written["diffusers_ema"] = out / "diffusers_ema"
-                save_diffusers(model, written["diffusers_ema"])
+                save_diffusers(model, written["diffusers_ema"], dtype=cfg.save_dtype)
     return written
 
 
@@ -388,7 +420,7 @@ def main(cfg: ConceptConfig) -> ConceptResult:
         resume_from = resolve_resume(ckpt_root, cfg.resume)
         if info.is_main:
             archive_previous_run(out, cfg.resume, cfg.overwrite, keep=("class_images",))
-            save_config_json(cfg, out / "config.json")
+            save_config_json(cfg, out / "config.json", provenance=True)
 
         # Networks: the UNet (and optionally the text encoder) train in float32; the rest is frozen
         # in the low dtype. `model` keeps float32 originals of the frozen parts for the export.
@@ -404,9 +436,7 @@ def main(cfg: ConceptConfig) -> ConceptResult:
         class_paths = generate_class_images(unet, vae, text_encoder, model, cfg, info) if cfg.with_prior else []
 
         # Data: instance images (COCO) and class images; VAE posteriors and prompts cached if asked.
-        data_path = Path(cfg.data)
-        coco = load_coco(data_path / "annotations.json" if data_path.is_dir() else data_path, progress=False)
-        instance_data = ConceptDataset(coco, cfg.resolution, prompt=cfg.instance_prompt)
+        instance_data = ConceptDataset(instance_images(cfg.data), cfg.resolution, prompt=cfg.instance_prompt)
         class_data = ConceptDataset(class_paths, cfg.resolution, prompt=cfg.class_prompt) if cfg.with_prior else None
         instance_cache = encode_dataset(vae, instance_data, device) if cfg.cache_latents else None
         class_cache = encode_dataset(vae, class_data, device) if cfg.cache_latents and class_data else None
@@ -456,6 +486,12 @@ def main(cfg: ConceptConfig) -> ConceptResult:
             with torch.no_grad():
                 return text_cache[0:1] if text_cache is not None else text_encoder(tokens[0:1]).float()
 
+        def validation_contexts() -> torch.Tensor:
+            """(P, 77, D): instance, class and every --validation-prompt, from the current text encoder."""
+            with torch.no_grad():
+                others = text_encoder(model.tokenizer([cfg.class_prompt, *cfg.validation_prompt]).to(device)).float()
+            return torch.cat([instance_context(), others])
+
         def save(step: int) -> Path | None:
             """All ranks (the replicas are checked, RNG states gathered); rank 0 writes."""
             weights = trainable_weights(unet, text_encoder if cfg.train_text_encoder else None)
@@ -464,7 +500,8 @@ def main(cfg: ConceptConfig) -> ConceptResult:
             return save_training_state(ckpt_root, step, weights, cfg, info, params, optimizer, scaler, ema,
                                        {"noise": noise_gen}, data, cfg.keep_last)
 
-        metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step, enabled=info.is_main)
+        metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step, enabled=info.is_main,
+                             report_to=cfg.report_to)
         bar = progress_bar(cfg.steps, start_step, enabled=cfg.progress and info.is_main, desc="concept")
         history: list[dict[str, float]] = []
         stopped, last_saved, started = False, None, time.perf_counter()
@@ -512,7 +549,9 @@ def main(cfg: ConceptConfig) -> ConceptResult:
                 # Log / checkpoint / sample.
                 if done % cfg.log_every == 0 or done == cfg.steps:
                     lr = optimizer.param_groups[0]["lr"]
-                    metrics.write({"step": done, **record, "lr": lr, "grad_norm": grad_norm.item(),
+                    # the loss terms averaged over the logging window (train/monitor.py: window_mean)
+                    metrics.write({"step": done, **window_mean(history, done, cfg.log_every), "lr": lr,
+                                   "grad_norm": grad_norm.item(),
                                    "steps_per_s": (done - start_step) / (time.perf_counter() - started)})
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
                 stopped = any_rank(stop.requested, device)
@@ -526,7 +565,7 @@ def main(cfg: ConceptConfig) -> ConceptResult:
                     break
                 if (cfg.validate_every and cfg.num_validation_images and done % cfg.validate_every == 0
                         and done < cfg.steps and info.is_main):
-                    render_samples(unet, vae, instance_context(), uncond_context, model, cfg, done)
+                    render_samples(unet, vae, validation_contexts(), uncond_context, model, cfg, done)
         bar.close()
         metrics.close()
 
@@ -539,8 +578,10 @@ def main(cfg: ConceptConfig) -> ConceptResult:
             checkpoint = ckpt_root / checkpoint_name(step)
             if info.is_main:
                 if cfg.num_validation_images:
-                    render_samples(unet, vae, instance_context(), uncond_context, model, cfg, step)
+                    render_samples(unet, vae, validation_contexts(), uncond_context, model, cfg, step)
                 exported = export_model(model, cfg, ema, params)
+        if info.is_main:  # OUT/curves.png: the loss terms of the whole run, from metrics.jsonl
+            plot_metrics(out / "metrics.jsonl", TERMS if cfg.with_prior else TERMS[:2], out / "curves.png")
         barrier()
         return ConceptResult(model, history, step, stopped, checkpoint, exported)
 

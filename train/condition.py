@@ -82,17 +82,17 @@ from train.diffusion import diffusion_target, encode_posterior, sample_latents, 
 from train.distributed import (all_reduce_mean, any_rank, barrier, distributed_session, grad_sync, unwrap,
                                wrap_ddp)
 from train.ema import EMA
-from train.monitor import MetricsLog, StopSignal, check_finite, progress_bar, save_image_grid
+from train.monitor import MetricsLog, StopSignal, check_finite, progress_bar, save_image_grid, window_mean
 from train.optim import build_adamw, lr_multiplier, optimizer_step, param_group
 from train.plot import Curve, plot_curves
 from train.precision import autocast, frozen_copy, make_grad_scaler, precision_dtype, resolve_precision
-from train.options import RESUMABLE_CHANGES as FINE_TUNE_RESUMABLE, FineTuneOptions
+from train.options import RESUMABLE_CHANGES as FINE_TUNE_RESUMABLE, VALIDATION_STEPS_REFUSAL, FineTuneOptions
 from train.state import restore_training_state, save_training_state
 from weights import load_pipeline, save_control, save_diffusers, save_ldm
 
 DECODER_PREFIXES = ("output_blocks.", "out.")  # the UNet half --no-sd-locked trains
 # Fields that may change between a run and its resumption (they do not change what is trained).
-RESUMABLE_CHANGES = FINE_TUNE_RESUMABLE | {"num_validation", "validation_data", "validation_sampler"}
+RESUMABLE_CHANGES = FINE_TUNE_RESUMABLE | {"num_validation_images", "validation_data", "validation_sampler"}
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,9 @@ class ConditionConfig(FineTuneOptions):
         "help": "optimizer steps (ours: neither this paper nor ControlNet's fixes a count)"})
     seed: int = field(default=0, metadata={"help": "run seed (data order, noise, prompt dropping, samples)"})
     checkpoint_every: int = field(default=500, metadata={"help": "steps between checkpoints (0: end only)"})
-    validation_steps: int = field(default=20, metadata={"help": "sampler steps of the validation samples"})
+    validation_sampler_steps: int = field(default=20, metadata={
+        "help": "sampler steps of each validation sample (not an interval: that is --validate-every)",
+        "formerly": ("validation_steps",), "refuse_formerly": VALIDATION_STEPS_REFUSAL})
     save_diffusers: bool = field(default=False, metadata={"help": "also write the base as OUT/diffusers"})
     condition: str = field(default="driver", metadata={
         "help": "the hint: the topological driver, or the inpainting baseline (image with painted masks)",
@@ -150,7 +152,8 @@ class ConditionConfig(FineTuneOptions):
     # ---- validation (one sample per fixed driver, scored for adherence)
     validate_every: int = field(default=250, metadata={
         "help": "steps between validation rounds (also at step 0 and at the end; 0: end only)"})
-    num_validation: int = field(default=8, metadata={"help": "validation drivers (0: no validation)"})
+    num_validation_images: int = field(default=8, metadata={"help": "validation drivers, one sample each "
+                                                                     "(0: no validation)", "formerly": ("num_validation",)})
     validation_data: str = field(default="", metadata={
         "help": "COCO folder/JSON of the validation drivers (default: the first images of --data)"})
     validation_sampler: str = field(default="ddim", metadata={"help": "sampler of the validation samples",
@@ -209,7 +212,7 @@ def check_flags(cfg: ConditionConfig) -> None:
         raise UserError("train.condition: --export-ema needs --ema")
     if not 0.0 <= cfg.drop_prompt_rate <= 1.0:
         raise UserError(f"train.condition: --drop-prompt-rate must be in [0, 1], got {cfg.drop_prompt_rate}")
-    for name in ("batch_size", "grad_accum", "log_every", "validation_steps"):
+    for name in ("batch_size", "grad_accum", "log_every", "validation_sampler_steps"):
         if getattr(cfg, name) < 1:
             raise UserError(f"train.condition: --{name.replace('_', '-')} must be at least 1, "
                              f"got {getattr(cfg, name)}")
@@ -221,7 +224,7 @@ def resolve_config(cfg: ConditionConfig, model: StableDiffusion, device: torch.d
     check_flags(cfg)
     augmented = cfg.hflip or cfg.random_crop
     return replace(
-        cfg, precision=resolve_precision(cfg.precision, device),
+        cfg, precision=resolve_precision(cfg.precision, device, announce="train.condition"),
         decoder_lr=cfg.decoder_lr if cfg.decoder_lr is not None else cfg.lr,
         resolution=cfg.resolution or model.config.image_size, prediction_type=model.prediction_type,
         device=device.type, cache_latents=cfg.cache_latents and not augmented)
@@ -367,7 +370,7 @@ def validate(model: StableDiffusion, unet: nn.Module, vae: nn.Module, text_encod
         rows = slice(start, start + batch_size)
         cond = prompt_contexts(val.prompts[rows], model, text_encoder, contexts)
         samples.append(generate(model, seeds=val.seeds[rows], cond=cond, uncond=uncond,
-                                sampler=cfg.validation_sampler, steps=cfg.validation_steps,
+                                sampler=cfg.validation_sampler, steps=cfg.validation_sampler_steps,
                                 guidance=cfg.validation_guidance, height=cfg.resolution, width=cfg.resolution,
                                 control=control, hints=val.hints[rows].to(device), dtype=dtype, unet=unet,
                                 vae=vae).cpu())
@@ -422,7 +425,7 @@ def export_base(model: StableDiffusion, cfg: ConditionConfig, path: Path) -> Pat
         except OSError:  # another file system, or links not allowed
             shutil.copyfile(source, path)
         return path
-    return save_ldm(model, path)
+    return save_ldm(model, path, dtype=cfg.save_dtype)
 
 
 def export_control(model: StableDiffusion, control: ControlNet, cfg: ConditionConfig, record: dict[str, Any],
@@ -430,21 +433,21 @@ def export_control(model: StableDiffusion, control: ControlNet, cfg: ConditionCo
     """Write the control in both layouts, the base model beside it, and the EMA variants if asked."""
     out = Path(cfg.out)
     metadata = {CONDITION_METADATA_KEY: json.dumps(record, sort_keys=True)}
-    written = {"control": save_control(control, out / "control.safetensors", metadata=metadata)}
-    written["control_diffusers"] = save_control(control, out / "controlnet", layout="diffusers")
+    written = {"control": save_control(control, out / "control.safetensors", dtype=cfg.save_dtype, metadata=metadata)}
+    written["control_diffusers"] = save_control(control, out / "controlnet", layout="diffusers", dtype=cfg.save_dtype)
     write_json_atomic(out / "controlnet" / DIFFUSERS_CONDITION_FILE, record, indent=2)
     written["base"] = export_base(model, cfg, out / "base.safetensors")
     if cfg.save_diffusers:
-        written["diffusers"] = save_diffusers(model, out / "diffusers")
+        written["diffusers"] = save_diffusers(model, out / "diffusers", dtype=cfg.save_dtype)
     if cfg.export_ema and ema is not None:
         with ema.applied(params):
             ema_record = {**record, "ema": True,
                           "base": "base.safetensors" if cfg.sd_locked else "base_ema.safetensors"}
             written["control_ema"] = save_control(
-                control, out / "control_ema.safetensors",
+                control, out / "control_ema.safetensors", dtype=cfg.save_dtype,
                 metadata={CONDITION_METADATA_KEY: json.dumps(ema_record, sort_keys=True)})
             if not cfg.sd_locked:
-                written["base_ema"] = save_ldm(model, out / "base_ema.safetensors")
+                written["base_ema"] = save_ldm(model, out / "base_ema.safetensors", dtype=cfg.save_dtype)
     return written
 
 
@@ -465,7 +468,7 @@ def main(cfg: ConditionConfig) -> ConditionResult:
         resume_from = resolve_resume(ckpt_root, cfg.resume)
         if info.is_main:
             archive_previous_run(out, cfg.resume, cfg.overwrite)
-            save_config_json(cfg, out / "config.json")
+            save_config_json(cfg, out / "config.json", provenance=True)
 
         # Networks. The control copy is made from the tuned UNet before anything else touches it and
         # trains in float32. The UNet is frozen (stored in the low dtype) unless --no-sd-locked, when
@@ -500,12 +503,12 @@ def main(cfg: ConditionConfig) -> ConditionResult:
         if info.is_main:
             polarity = estimate_polarity((tensor_to_image(it["image"]), item_instances(it))
                                          for it in (plain[i] for i in range(min(len(plain), 64))))
-        if info.is_main and cfg.num_validation:
+        if info.is_main and cfg.num_validation_images:
             val_data = plain
             if cfg.validation_data:
                 val_data = ConditionDataset(read_coco(cfg.validation_data), cfg.resolution, cfg.driver_config,
                                             cfg.prompt_config, return_masks=True)
-            validation = build_validation_set(val_data, cfg.num_validation, cfg.condition, cfg.seed)
+            validation = build_validation_set(val_data, cfg.num_validation_images, cfg.condition, cfg.seed)
 
         # Optimizer, loss scaler, EMA, data order and the generators of noise and prompt dropping.
         groups = [param_group("control", control.parameters(), lr=cfg.lr)]
@@ -564,7 +567,8 @@ def main(cfg: ConditionConfig) -> ConditionResult:
             metrics.write(record)
             plot_metrics(out / "metrics.jsonl", out / "curves.png")
 
-        metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step, enabled=info.is_main)
+        metrics = MetricsLog(out / "metrics.jsonl", resume_step=start_step, enabled=info.is_main,
+                             report_to=cfg.report_to)
         history: list[dict[str, float]] = []
         validation_history: list[dict[str, float]] = []
         if validation is not None and start_step == 0 and cfg.validate_every:
@@ -612,7 +616,9 @@ def main(cfg: ConditionConfig) -> ConditionResult:
                 # Log / checkpoint / validate.
                 if done % cfg.log_every == 0 or done == cfg.steps:
                     lr = optimizer.param_groups[0]["lr"]
-                    metrics.write({"step": done, **record, "lr": lr, "grad_norm": grad_norm.item(),
+                    # the loss terms averaged over the logging window (train/monitor.py: window_mean)
+                    metrics.write({"step": done, **window_mean(history, done, cfg.log_every), "lr": lr,
+                                   "grad_norm": grad_norm.item(),
                                    "steps_per_s": (done - start_step) / (time.perf_counter() - started)})
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
                 stopped = any_rank(stop.requested, device)

@@ -30,18 +30,51 @@ def check_finite(step: int, terms: dict[str, float]) -> None:
             f"lower the lr, use bf16 instead of fp16, or resume from the last checkpoint.")
 
 
+REPORT_TO = ("none", "tensorboard")
+
+
+def window_mean(history: list[dict[str, float]], done: int, log_every: int) -> dict[str, float]:
+    """The mean of every loss term over the logging window ending at step `done`: the steps after
+    the previous multiple of `log_every` (a run's last, shorter window included). Only steps this
+    process ran are in `history`, so the first window after a resume starts at the resume."""
+    since = (done - 1) // log_every * log_every
+    window = [h for h in history if since < h["step"] <= done]
+    keys = [k for k in window[-1] if k != "step"] if window else []
+    return {k: sum(h[k] for h in window) / len(window) for k in keys} | {"window_steps": len(window)}
+
+
+def _tensorboard_writer(folder: Path):
+    """torch's SummaryWriter, which needs the optional tensorboard package (extra "tensorboard")."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        from defectsynth.errors import UserError
+        raise UserError(f"--report-to tensorboard needs the tensorboard package ({err}); install it with "
+                        f"pip install tensorboard (or the extra: pip install -e .[tensorboard]), "
+                        f"or use --report-to none") from err
+    return SummaryWriter(log_dir=str(folder))
+
+
 class MetricsLog:
     """Append-only JSONL file of metric records (one JSON object per line, flushed each time).
 
     On resume from step s, records with step > s (written after that checkpoint by the
-    interrupted run) are dropped first, so the file reads as one uninterrupted run.
+    interrupted run) are dropped first, so the file reads as one uninterrupted run. With
+    `report_to="tensorboard"` every numeric field of a record is also a TensorBoard scalar (event
+    files in the folder of the JSONL file, under tensorboard/; `tensorboard --logdir OUT`).
     """
 
-    def __init__(self, path: str | os.PathLike, resume_step: int | None = None, enabled: bool = True):
+    def __init__(self, path: str | os.PathLike, resume_step: int | None = None, enabled: bool = True,
+                 report_to: str = "none"):
         self.path = Path(path)
         self.enabled = enabled
+        self._board = None
+        if report_to not in REPORT_TO:
+            raise ValueError(f"--report-to must be one of {REPORT_TO}, got {report_to!r}")
         if not enabled:
             return
+        if report_to == "tensorboard":
+            self._board = _tensorboard_writer(self.path.parent / "tensorboard")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             kept = []
@@ -62,10 +95,17 @@ class MetricsLog:
         if self.enabled:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+            if self._board is not None and "step" in record:
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                        self._board.add_scalar(key, value, record["step"])
+                self._board.flush()
 
     def close(self) -> None:
         if self.enabled:
             self._file.close()
+            if self._board is not None:
+                self._board.close()
 
 
 def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str = "train") -> tqdm:

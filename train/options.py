@@ -8,14 +8,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from model.stable_diffusion import PRESETS
+from train.monitor import REPORT_TO
 from train.optim import LR_SCHEDULES
 from train.precision import PRECISIONS
 
 # Fields that may change between a run and its resumption in both stages: they change how long it
 # runs, what it logs and what it exports, never what is trained.
 RESUMABLE_CHANGES = frozenset({"steps", "resume", "overwrite", "progress", "log_every", "checkpoint_every", "keep_last",
-                               "validate_every", "validation_steps", "validation_guidance", "save_diffusers",
-                               "export_ema", "device"})
+                               "validate_every", "validation_sampler_steps", "validation_guidance", "save_diffusers",
+                               "save_dtype", "export_ema", "device", "report_to"})
+
+# Our old --validation-steps meant sampler steps; diffusers' --validation_steps means "validate every
+# N steps". Accepting either spelling would misread one of the two, so both are refused (saved JSON
+# configs, which only we wrote, still load the key as sampler steps, with a deprecation line).
+VALIDATION_STEPS_REFUSAL = ("ambiguous, so not accepted: for sampler steps per validation sample use "
+                            "--validation-sampler-steps (our old --validation-steps); for diffusers' meaning, "
+                            "validate every N optimizer steps, use --validate-every")
 
 
 @dataclass(frozen=True)
@@ -53,7 +61,8 @@ class FineTuneOptions:
     # ---- run
     seed: int = field(default=0, metadata={"help": "run seed (data order, noise, samples)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
-    log_every: int = field(default=10, metadata={"help": "optimizer steps between metric records"})
+    log_every: int = field(default=10, metadata={
+        "help": "optimizer steps between metric records; each record holds the mean loss over those steps"})
     checkpoint_every: int = field(default=200, metadata={"help": "optimizer steps between checkpoints "
                                                                  "(0: at the end only)"})
     keep_last: int = field(default=2, metadata={"help": "checkpoints kept (0: all)"})
@@ -61,8 +70,16 @@ class FineTuneOptions:
     overwrite: bool = field(default=False, metadata={
         "help": "start over in an --out that holds a run: move that run to OUT/previous_runs/<time>/ first "
                 "(without it, such an --out is refused unless --resume is given)"})
-    validation_steps: int = field(default=25, metadata={"help": "sampler steps of the validation samples"})
+    validation_sampler_steps: int = field(default=25, metadata={
+        "help": "sampler steps of each validation sample (not an interval: that is --validate-every)",
+        "formerly": ("validation_steps",), "refuse_formerly": VALIDATION_STEPS_REFUSAL})
     validation_guidance: float = field(default=7.5, metadata={"help": "CFG scale of the validation samples"})
     save_diffusers: bool = field(default=False, metadata={"help": "also write OUT/diffusers"})
+    save_dtype: str = field(default="fp32", metadata={
+        "help": "dtype of the exported model files (fp16: half the size, what A1111 / ComfyUI users share; "
+                "checkpoints keep fp32 to resume exactly)", "choices": list(PRECISIONS)})
     export_ema: bool = field(default=False, metadata={"help": "also write the EMA weights (needs --ema)"})
+    report_to: str = field(default="none", metadata={
+        "help": "also log the metrics to TensorBoard (OUT/tensorboard; needs the optional tensorboard package)",
+        "choices": list(REPORT_TO)})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})

@@ -8,6 +8,7 @@ ends as numbers, the values as a polyline (dots when there are few points).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -85,3 +86,16 @@ def plot_curves(curves: Sequence[Curve], path: str | os.PathLike, panel_size: tu
     image = np.concatenate([_panel(c, width, height) for c in curves], axis=1)  # panels left to right
     write_image_atomic(path, image)
     return Path(path)
+
+
+def plot_metrics(metrics_path: str | os.PathLike, terms: Sequence[str], path: str | os.PathLike) -> Path | None:
+    """curves.png of a training stage: one panel per loss term over steps, read from its
+    metrics.jsonl (the whole run, resumed parts included); None if there is nothing to plot."""
+    metrics_path = Path(metrics_path)
+    if not metrics_path.is_file():
+        return None
+    records = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    curves = [Curve(term.replace("_", " "), [r["step"] for r in records if term in r],
+                    [r[term] for r in records if term in r]) for term in terms]
+    curves = [c for c in curves if len(c.x)]
+    return plot_curves(curves, path) if curves else None

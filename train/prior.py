@@ -75,7 +75,7 @@ from train.data_order import IndexStream
 from train.diffusion import diffusion_target, encode_posterior, sample_latents, sample_noise, sample_timesteps
 from train.distributed import DistInfo, pick_device
 from train.ema import EMA
-from train.monitor import MetricsLog, StopSignal, check_finite, progress_bar, save_image_grid
+from train.monitor import MetricsLog, StopSignal, check_finite, progress_bar, save_image_grid, window_mean
 from train.optim import build_adamw, lr_multiplier, optimizer_step, param_group
 from train.plot import Curve, plot_curves
 from train.precision import PRECISIONS, autocast, make_grad_scaler, resolve_precision
@@ -130,7 +130,8 @@ class PriorConfig:
     # ---- run
     seed: int = field(default=0, metadata={"help": "weights init (text encoder included), data order, noise"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
-    log_every: int = field(default=10, metadata={"help": "optimizer steps between metric records"})
+    log_every: int = field(default=10, metadata={
+        "help": "optimizer steps between metric records; each holds the mean of the losses over those steps"})
     checkpoint_every: int = field(default=200, metadata={"help": "steps between checkpoints (0: end of a phase only)"})
     keep_last: int = field(default=1, metadata={"help": "checkpoints kept per phase (0: all)"})
     resume: str = field(default="", metadata={"help": "'latest': continue each phase from its newest checkpoint"})
@@ -374,8 +375,8 @@ def train_vae(model: StableDiffusion, images: torch.Tensor, cfg: PriorConfig, in
             history.append({"step": done, **record})
             bar.update(1)
             if done % cfg.log_every == 0 or done == cfg.vae_steps:
-                metrics.write({"step": done, **record, "lr": optimizer.param_groups[0]["lr"],
-                               "grad_norm": grad_norm.item()})
+                metrics.write({"step": done, **window_mean(history, done, cfg.log_every),  # window means
+                               "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm.item()})
                 bar.set_postfix(l1=f"{record['l1']:.4f}")
             stopped = stop.requested
             if phase.checkpoint(cfg, info, done, cfg.vae_steps, stopped, bar):
@@ -457,8 +458,8 @@ def train_unet(model: StableDiffusion, latents: tuple[torch.Tensor, torch.Tensor
             history.append({"step": done, "loss": loss.item()})
             bar.update(1)
             if done % cfg.log_every == 0 or done == cfg.unet_steps:
-                metrics.write({"step": done, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
-                               "grad_norm": grad_norm.item()})
+                metrics.write({"step": done, **window_mean(history, done, cfg.log_every),  # window means
+                               "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm.item()})
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             stopped = stop.requested
             if phase.checkpoint(cfg, info, done, cfg.unet_steps, stopped, bar):
@@ -484,7 +485,7 @@ def main(cfg: PriorConfig) -> PriorResult:
     image_paths(cfg.data)
     out = Path(cfg.out)
     archive_previous_run(out, cfg.resume, cfg.overwrite)
-    save_config_json(cfg, out / "config.json")
+    save_config_json(cfg, out / "config.json", provenance=True)
     started = time.perf_counter()
 
     # The untrained model, seeded: the text encoder keeps exactly these random weights.

@@ -130,6 +130,8 @@ def save_ldm(model, path: str | Path, dtype: torch.dtype | str | None = None) ->
     """Write `model` (a StableDiffusion) as one LDM `.safetensors` file; returns the path.
 
     dtype: None keeps each tensor's dtype; torch.float16 / "fp16" etc. casts floating tensors.
+    An SD 2.x model also gets the LDM inference config beside it (`ldm_inference_yaml`, same name
+    with .yaml), which is how A1111 and ComfyUI learn its prediction type.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -138,7 +140,88 @@ def save_ldm(model, path: str | Path, dtype: torch.dtype | str | None = None) ->
     tensors, written = ldm_state_dict(model)
     metadata = {"format": "pt", METADATA_CONFIG: json.dumps(config_to_dict(written), sort_keys=True)}
     save_safetensors(_cast(tensors, dtype), path, metadata=metadata)
+    if written.family == "sd2":
+        save_text(ldm_inference_yaml(written), path.with_suffix(".yaml"))
     return path
+
+
+def ldm_inference_yaml(config: SDConfig) -> str:
+    """The LDM inference config of an SD 2.x model, as Stability's v2-inference-v.yaml (v) or
+    v2-inference.yaml (epsilon), with this model's sizes. A1111 reads `<checkpoint>.yaml` beside a
+    checkpoint and ComfyUI's CheckpointLoader (with config) takes it: `parameterization: "v"` is
+    what tells them a v-prediction model; without it they assume epsilon. Written as text (no
+    yaml dependency)."""
+    unet, vae = config.unet, config.vae
+    attention = [2 ** level for level in unet.attention_levels]  # LDM counts downsampling factors
+    heads = f"num_head_channels: {unet.head_dim}" if unet.head_dim else f"num_heads: {unet.num_heads}"
+    latent = config.image_size // vae.downsample_factor
+    lines = [
+        "model:",
+        "  base_learning_rate: 1.0e-4",
+        "  target: ldm.models.diffusion.ddpm.LatentDiffusion",
+        "  params:",
+        *(['    parameterization: "v"'] if config.prediction_type == "v_prediction" else []),
+        "    linear_start: 0.00085",
+        "    linear_end: 0.0120",
+        "    num_timesteps_cond: 1",
+        "    log_every_t: 200",
+        "    timesteps: 1000",
+        '    first_stage_key: "jpg"',
+        '    cond_stage_key: "txt"',
+        f"    image_size: {latent}",
+        f"    channels: {unet.in_channels}",
+        "    cond_stage_trainable: false",
+        "    conditioning_key: crossattn",
+        "    monitor: val/loss_simple_ema",
+        f"    scale_factor: {vae.scaling_factor}",
+        "    use_ema: False",
+        "",
+        "    unet_config:",
+        "      target: ldm.modules.diffusionmodules.openaimodel.UNetModel",
+        "      params:",
+        "        use_checkpoint: True",
+        "        use_fp16: True",
+        "        image_size: 32 # unused",
+        f"        in_channels: {unet.in_channels}",
+        f"        out_channels: {unet.out_channels}",
+        f"        model_channels: {unet.model_channels}",
+        f"        attention_resolutions: [ {', '.join(str(a) for a in sorted(attention, reverse=True))} ]",
+        f"        num_res_blocks: {unet.num_res_blocks}",
+        f"        channel_mult: [ {', '.join(str(m) for m in unet.channel_mult)} ]",
+        f"        {heads}",
+        "        use_spatial_transformer: True",
+        f"        use_linear_in_transformer: {unet.use_linear_proj}",
+        f"        transformer_depth: {unet.transformer_depth}",
+        f"        context_dim: {unet.context_dim}",
+        "        legacy: False",
+        "",
+        "    first_stage_config:",
+        "      target: ldm.models.autoencoder.AutoencoderKL",
+        "      params:",
+        f"        embed_dim: {vae.latent_channels}",
+        "        monitor: val/rec_loss",
+        "        ddconfig:",
+        "          double_z: true",
+        f"          z_channels: {vae.latent_channels}",
+        "          resolution: 256",
+        f"          in_channels: {vae.in_channels}",
+        f"          out_ch: {vae.out_channels}",
+        f"          ch: {vae.base_channels}",
+        "          ch_mult:",
+        *[f"          - {m}" for m in vae.channel_mult],
+        f"          num_res_blocks: {vae.num_res_blocks}",
+        "          attn_resolutions: []",
+        "          dropout: 0.0",
+        "        lossconfig:",
+        "          target: torch.nn.Identity",
+        "",
+        "    cond_stage_config:",
+        "      target: ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+        "      params:",
+        "        freeze: True",
+        '        layer: "penultimate"',
+    ]
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
