@@ -1,10 +1,12 @@
 """The headline claim of a SADF dataset: every synthetic image was generated from the driver of the
 masks it is annotated with. Two independent checks on a tiny synthesis run (2 defect-free images x
-2 variants x 2 samples = 8 images, batch 3 so batches straddle pairs, the last one ragged):
+2 variants x 2 samples = 8 images, batch 3 so batches straddle pairs, the last one ragged; 6
+annotated images, so that neighbouring pairs differ in prompt as well as driver):
 
-1. What the generator received: every generate() call is intercepted and the hint of each row is
-   compared, bit for bit, with the driver the data layer builds for the pair that annotates that
-   image, and the image's annotation masks must be painted in it in their class colours. Run as
+1. What the generator received: every generate() call is intercepted and the hint and text
+   context of each row are compared, bit for bit, with the driver the data layer builds for the
+   pair that annotates that image and the encoding of its prompt, and the image's annotation masks
+   must be painted in the hint in their class colours. Run as
    two shards with a crash and a resume in between, then a regeneration from a record.
 2. What came out: with a control that visibly follows its hint (below), the stored PNG of an image
    equals a generation written out here with its own pair's driver, and differs by many grey
@@ -15,7 +17,7 @@ whose convolutions keep the signal's scale (variance-preserving random init inst
 default, which shrinks the driver ~3x per layer) and whose last convolution is 30x stronger still.
 With the test control of test_synthesize.py (0.3 * randn on the last hint conv and the zero convs
 only) a zero driver moves an image by about one grey level; with this one a wrong or zero driver
-moves the tiny pipeline's 64 px images by ~8-10 grey levels on average (measured), while the same
+moves the tiny pipeline's 64 px images by ~10 grey levels on average (measured), while the same
 driver gives the same image bit for bit.
 """
 import json
@@ -68,7 +70,8 @@ def hint_following_control(unet, seed: int = 5) -> ControlNet:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("driver_link")
-    make_demo_dataset(DemoConfig(out=str(root / "demo"), size=64, num_defective=4, num_free=2, seed=0), progress=False)
+    # 6 defective images: pairs 1 and 2 (which share a batch) then differ in prompt as well as driver.
+    make_demo_dataset(DemoConfig(out=str(root / "demo"), size=64, num_defective=6, num_free=2, seed=0), progress=False)
     sd = random_pipeline("tiny", seed=0)
     save_ldm(sd, root / "tuned.safetensors")
     save_control(hint_following_control(sd.unet), root / "control.safetensors")
@@ -88,21 +91,24 @@ def config(inputs, out, **overrides) -> SynthesizeConfig:
 
 
 class RecordingGenerate:
-    """Stands in for sample.pipeline.generate: keeps every row's hint by its seed (seeds are unique
-    per job and attempt), and can crash on call `fail_at` (after recording, before sampling)."""
+    """Stands in for sample.pipeline.generate: keeps every row's hint and text context by its seed
+    (seeds are unique per job and attempt), and can crash on call `fail_at` (after recording,
+    before sampling)."""
 
     def __init__(self, fail_at: int | None = None):
         self.hints: dict[int, torch.Tensor] = {}
+        self.contexts: dict[int, torch.Tensor] = {}
         self.calls, self.fail_at = [], fail_at
 
-    def __call__(self, *args, seeds, hints, **kwargs):
-        assert hints.shape[0] == len(seeds)  # one hint per row, never broadcast from one
+    def __call__(self, *args, seeds, hints, cond, **kwargs):
+        assert hints.shape[0] == cond.shape[0] == len(seeds)  # one hint and prompt per row, never broadcast
         self.calls.append(list(seeds))
-        for seed, hint in zip(seeds, hints):
+        for seed, hint, context in zip(seeds, hints, cond):
             self.hints[seed] = hint.detach().clone()
+            self.contexts[seed] = context.detach().clone()
         if len(self.calls) == self.fail_at:
             raise RuntimeError("simulated crash")
-        return real_generate(*args, seeds=seeds, hints=hints, **kwargs)
+        return real_generate(*args, seeds=seeds, hints=hints, cond=cond, **kwargs)
 
 
 def assert_masks_painted(hint: torch.Tensor, masks: list[tuple[np.ndarray, int]], what: str) -> None:
@@ -133,12 +139,17 @@ def test_every_image_got_its_own_pairs_driver(inputs, monkeypatch):
 
     # The hints that made the stored images: the shard run, the first call before the crash, the resume.
     received = {**recorder.hints, **dict(list(crashing.hints.items())[:3]), **resumed.hints}
+    contexts = {**recorder.contexts, **dict(list(crashing.contexts.items())[:3]), **resumed.contexts}
+    sd = random_pipeline("tiny", seed=0)  # the weights of the saved checkpoint
     coco = to_pycocotools(load_coco(out / "sadf.json"))
     assert len(coco.imgs) == 8 and sorted(received) == sorted(img["seed"] for img in coco.imgs.values())
     for image_id, img in coco.imgs.items():
         pair = inputs.pairs.build(img["pair_id"])  # built here, by the data layer, not by the run
         hint = received[img["seed"]]
         assert torch.equal(hint, pair.driver), f"image {image_id} got another driver than pair {img['pair_id']}'s"
+        # ... and its own prompt (each prompt is encoded alone, so the context is bit-exact).
+        assert img["prompt"] == pair.prompt
+        assert torch.equal(contexts[img["seed"]], sd.encode_prompts([pair.prompt])[0]), f"image {image_id}: prompt"
         masks = [(coco.annToMask(a), a["category_id"]) for a in sorted(coco.imgToAnns[image_id], key=lambda a: a["id"])]
         assert len(masks) == len(pair.instances) > 0
         assert_masks_painted(hint, masks, f"image {image_id}: an annotation mask is not painted in its hint")
@@ -148,6 +159,7 @@ def test_every_image_got_its_own_pairs_driver(inputs, monkeypatch):
     # neighbours', so a shuffle inside a batch cannot pass.
     assert [coco.imgs[i]["pair_id"] for i in (4, 5, 6)] == [1, 2, 2]
     assert not torch.equal(inputs.pairs.build(1).driver, inputs.pairs.build(2).driver)
+    assert inputs.pairs.build(1).prompt != inputs.pairs.build(2).prompt
 
     # Regenerating an image from its record hands the generator the same rows again.
     again = RecordingGenerate()
@@ -188,4 +200,4 @@ def test_stored_images_follow_their_driver(inputs):
     wrong = [r if i != row else (r[0], own[0][1], r[2]) for i, r in enumerate(own)]  # pair 1's driver
     for name, rows in (("zero", zero), ("wrong", wrong)):
         moved = np.abs(generate_batch(sd, rows, control, cfg)[row].numpy().astype(int) - stored)
-        assert moved.mean() > 4.0 and (moved > 5).mean() > 0.25, (name, moved.mean())  # measured ~7-8, 50%
+        assert moved.mean() > 4.0 and (moved > 5).mean() > 0.25, (name, moved.mean())  # measured ~10, 57-63%
