@@ -135,8 +135,6 @@ CASES = [
     ("condition-drop-rate", "condition", lambda f: [*TINY, "--data", str(f["demo"]), "--drop-prompt-rate", "2"],
      "--drop-prompt-rate"),
     ("evaluate-checkpoint-0", "evaluate", lambda f: ["--checkpoint-every", "0"], "--checkpoint-every"),
-    ("evaluate-bad-data", "evaluate", lambda f: ["--data", str(f["coco_area"])], "area must be a number > 0"),
-    ("evaluate-no-data-file", "evaluate", lambda f: ["--data", str(f["root"] / "none.json")], "none.json"),
     ("synthesize-no-free", "synthesize", lambda f: [*TINY], "--free"),
     ("prior-no-data", "prior", lambda f: [], "--data"),
     # images
