@@ -49,6 +49,9 @@ class SpeedOptions:
                 "machine, meaningless for CUDA)", "choices": ["wall", "process"]})
     results: str | None = field(default=None, metadata={
         "help": "append the result to this file as one JSON line (a batch of benchmarks collects there)"})
+    dtypes: tuple[str, ...] = field(default=("fp32", "bf16"), metadata={
+        "help": "the *-dtypes benchmarks: ours and diffusers in each of these dtypes, interleaved in one process "
+                "(replaces --dtype)", "choices": list(DTYPES)})
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,18 @@ class SpeedConfig(SpeedOptions):
 
 # name -> (benchmark, one-line summary)
 Benchmarks = dict[str, tuple[Callable[[SpeedConfig], dict], str]]
+
+
+def small_unet_config():
+    """The *-dtypes benchmarks' UNet (~11M parameters), between `tiny` (1.4M, bound by per-op overhead
+    on a CPU) and SD 1.5 (860M, tens of seconds and ~14 GB per training step on a CPU), so that four
+    of them (ours and diffusers, two dtypes) train side by side in one process within minutes: SD's
+    block types (res blocks, cross-attention transformers, GEGLU) at 64 channels, three levels,
+    attention at the lower two, 4 heads, context 32 (the tiny text encoder's width)."""
+    from model.unet import UNetConfig
+
+    return UNetConfig(model_channels=64, channel_mult=(1, 2, 4), num_res_blocks=2, attention_levels=(1, 2),
+                      num_heads=4, context_dim=32, norm_groups=32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,6 +103,34 @@ def median_ms(runs: dict[str, Callable[[], object]], device: str, warmup: int, r
             synchronize(device)
             times[name].append((now() - start) * 1000.0)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def compare_dtypes(runs: dict[tuple[str, str], Callable[[], object]], cfg: "SpeedConfig", label: str,
+                   unit: str = "ms", per: float = 1.0) -> dict:
+    """Time every (implementation, dtype) callable of `runs` ("ours" / "reference" x cfg.dtypes), all
+    interleaved in this process (median_ms), and return {"<impl>_<dtype>_ms", "ratio_<dtype>" (ours
+    / diffusers time at the same dtype), "<impl>_<low>_speedup" (fp32 time / low-dtype time),
+    "load_average"}; prints one line. `per` divides the times (e.g. images per run)."""
+    ms = median_ms({f"{impl}_{dtype}": fn for (impl, dtype), fn in runs.items()}, cfg.device, cfg.warmup,
+                   cfg.repeats, cfg.clock)
+    result: dict = {"clock": cfg.clock, "dtypes": list(cfg.dtypes), "threads": torch.get_num_threads(),
+                    "load_average": os.getloadavg()[0]}
+    result.update({f"{name}_ms": value / per for name, value in ms.items()})
+    parts = []
+    for dtype in cfg.dtypes:
+        if ("ours", dtype) in runs and ("reference", dtype) in runs:
+            result[f"ratio_{dtype}"] = ms[f"ours_{dtype}"] / ms[f"reference_{dtype}"]
+            parts.append(f"{dtype}: ours {ms[f'ours_{dtype}'] / per:.1f} {unit}, diffusers "
+                         f"{ms[f'reference_{dtype}'] / per:.1f} {unit}, ours/diffusers {result[f'ratio_{dtype}']:.3f}")
+    for impl in ("ours", "reference"):
+        for dtype in cfg.dtypes:
+            if dtype != "fp32" and (impl, "fp32") in runs and (impl, dtype) in runs:
+                result[f"{impl}_{dtype}_speedup"] = ms[f"{impl}_fp32"] / ms[f"{impl}_{dtype}"]
+                parts.append(f"{'ours' if impl == 'ours' else 'diffusers'} {dtype} speed-up "
+                             f"{result[f'{impl}_{dtype}_speedup']:.2f}x")
+    print(f"{label}: " + "; ".join(parts) + f" ({cfg.clock} time, median of {cfg.repeats}, "
+          f"{result['threads']} thread(s), load average {result['load_average']:.1f})")
+    return result
 
 
 def rss_bytes() -> int:

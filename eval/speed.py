@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
 from defectsynth.errors import command
-from defectsynth.benchmark import (DTYPES, Benchmarks, SpeedConfig, benchmark_parser, config_from_argv, median_ms,
-                                   run_benchmark)
+from defectsynth.benchmark import (DTYPES, Benchmarks, SpeedConfig, benchmark_parser, compare_dtypes, config_from_argv,
+                                   median_ms, run_benchmark, small_unet_config)
 
 # ----------------------------------------------------------------------------------------------
 # unet: one UNet forward (ours vs diffusers' UNet2DConditionModel)
@@ -82,6 +83,49 @@ BENCHMARKS: Benchmarks = {
     _name: (lambda cfg, name=_name: bench_unet(cfg, name),
             f"{_preset} UNet forward, ours vs diffusers (same weights)")
     for _name, _preset in UNET_VARIANTS.items()}
+
+
+def bench_unet_dtypes(cfg: SpeedConfig) -> dict:
+    """One forward of the benchmarks' small UNet (defectsynth.benchmark.small_unet_config, random
+    weights): ours and diffusers' UNet2DConditionModel with the same weights, each stored in every
+    dtype of --dtypes (as sampling loads them), all interleaved in this process. E.g. on a CPU:
+        python -m eval.speed unet-dtypes --batch 4 --latent 16 --repeats 5 --clock process"""
+    import copy
+
+    from diffusers import UNet2DConditionModel
+
+    from weights import load_unet
+    from weights.configs import unet_config_to_diffusers
+
+    device = torch.device(cfg.device)
+    unet_config = small_unet_config()
+    torch.manual_seed(cfg.seed)
+    reference = UNet2DConditionModel(**{k: v for k, v in unet_config_to_diffusers(unet_config, cfg.latent).items()
+                                        if not k.startswith("_")}).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        reference.save_pretrained(folder)
+        ours = load_unet(folder).eval()
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    x = torch.randn(cfg.batch, 4, cfg.latent, cfg.latent, generator=g).to(device)
+    t = torch.full((cfg.batch,), 500, device=device)
+    context = torch.randn(cfg.batch, 77, unet_config.context_dim, generator=g).to(device)
+    runs = {}
+    for dtype_name in cfg.dtypes:
+        dtype = DTYPES[dtype_name]
+        for impl, model in (("ours", ours), ("reference", reference)):
+            net = copy.deepcopy(model).to(device, dtype)
+            if impl == "ours":
+                runs[impl, dtype_name] = lambda net=net, d=dtype: net(x.to(d), t, context.to(d))
+            else:
+                runs[impl, dtype_name] = lambda net=net, d=dtype: net(x.to(d), t, context.to(d)).sample
+    with torch.inference_mode():
+        result = compare_dtypes(runs, cfg, f"unet-dtypes small UNet {cfg.device} batch {cfg.batch} latent {cfg.latent}")
+    result.update({"benchmark": "unet-dtypes", "device": cfg.device, "batch": cfg.batch, "latent": cfg.latent,
+                   "params": sum(p.numel() for p in ours.parameters())})
+    return result
+
+
+BENCHMARKS["unet-dtypes"] = (bench_unet_dtypes, "small UNet forward, ours vs diffusers in each of --dtypes, one process")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,83 +218,17 @@ def bench_synth(cfg: SpeedConfig) -> dict:
     """
     import contextlib
     import io
-    from pathlib import Path
-
-    from diffusers import ControlNetModel, DPMSolverMultistepScheduler, StableDiffusionControlNetPipeline
-
-    from data.demo import DemoConfig, make_demo_dataset
-    from model.controlnet import ControlNet
-    from sample.pipeline import random_pipeline
-    from sample.sadf_inputs import generate_rows
-    from sample.sadf_jobs import job_seed, shard_batches
-    from sample.synthesize import SynthesizeConfig, prepare, synthesize_shard
-    from weights import save_control, save_diffusers
 
     dtype, device = DTYPES[cfg.dtype], torch.device(cfg.device)
     preset_name = "sd15" if device.type == "cuda" else "tiny"
     size, count = cfg.latent * 8, SYNTH_BATCHES * cfg.batch
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
-        sd = random_pipeline(preset_name, seed=cfg.seed)
-        control = ControlNet.from_unet(sd.unet)
-        g = torch.Generator().manual_seed(cfg.seed + 1)
-        with torch.no_grad():  # a "trained" control: non-zero residual convs
-            for m in [*control.zero_convs, control.middle_block_out, control.input_hint_block[-1]]:
-                for p in m.parameters():
-                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
-        save_diffusers(sd, folder / "sd", dtype=dtype)
-        save_control(control, folder / "controlnet", layout="diffusers", dtype=dtype)
-        save_control(control, folder / "control.safetensors", dtype=dtype)
-        del sd, control  # both implementations load from the files
-        make_demo_dataset(DemoConfig(out=str(folder / "demo"), size=size, num_defective=4, num_free=2,
-                                     seed=cfg.seed), progress=False)
-        synth = SynthesizeConfig(ckpt=str(folder / "sd"), control=str(folder / "control.safetensors"),
-                                 free=str(folder / "demo" / "free.json"),
-                                 masks=str(folder / "demo" / "annotations.json"),
-                                 variants=2, samples_per_driver=cfg.batch, resolution=size, steps=SYNTH_STEPS,
-                                 guidance=SYNTH_GUIDANCE, batch=cfg.batch, seed=cfg.seed, dtype=cfg.dtype,
-                                 device=cfg.device, max_images=count, progress=False)
-        run = prepare(synth, device, dtype)
-        run.run_file["models"] = {"ckpt": "bench", "control": "bench"}
-        reference = StableDiffusionControlNetPipeline.from_pretrained(
-            folder / "sd", controlnet=ControlNetModel.from_pretrained(folder / "controlnet", torch_dtype=dtype,
-                                                                      local_files_only=True),
-            torch_dtype=dtype, safety_checker=None, feature_extractor=None, local_files_only=True)
-        reference.scheduler = DPMSolverMultistepScheduler.from_config(
-            reference.scheduler.config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="linspace",
-            steps_offset=0)
-        reference.to(device)
-        reference.set_progress_bar_config(disable=True)
-
-        batches = shard_batches(run.num_jobs, cfg.batch, samples_per_driver=cfg.batch)[:SYNTH_BATCHES]
-        inputs = [[run.builder(j.pair_id) for j in batch] for batch in batches]
-        seeds = [[job_seed(cfg.seed, j.pair_id, j.sample_index) for j in batch] for batch in batches]
-        runs_done = [0]
-
-        def run_ours() -> None:
-            runs_done[0] += 1
-            synthesize_shard(run, folder / f"out{runs_done[0]}", 0, 1, progress=False)
-
-        def run_generate(b: int = -1) -> list[torch.Tensor]:
-            chosen = range(len(batches)) if b < 0 else [b]
-            return [generate_rows(run.sd, run.control, run.contexts, inputs[i], seeds[i], run.cfg, size)
-                    for i in chosen]
-
-        def run_reference(b: int = -1, output_type: str = "pil") -> list:
-            chosen = range(len(batches)) if b < 0 else [b]
-            out = []
-            for i in chosen:
-                hints = torch.stack([r.hint for r in inputs[i]])  # (B, 3, H, W) in [0, 1]
-                out.append(reference([r.prompt for r in inputs[i]], image=hints.to(device, dtype), height=size,
-                                     width=size, num_inference_steps=SYNTH_STEPS, guidance_scale=SYNTH_GUIDANCE,
-                                     controlnet_conditioning_scale=1.0,
-                                     generator=[torch.Generator().manual_seed(s) for s in seeds[i]],
-                                     output_type=output_type).images)
-            return out
-
+        _synth_files(cfg, folder, preset_name, size, dtype)
+        side = _synth_side(cfg, folder, size, dtype)
         with torch.inference_mode(), contextlib.redirect_stdout(io.StringIO()):  # the shard loop prints a summary
-            diff = (run_generate(0)[0].float().cpu() - run_reference(0, "pt")[0].float().cpu()).abs().max().item()
-            ms = median_ms({"ours": run_ours, "ours_generate": run_generate, "reference": run_reference},
+            diff = (side.generate(0)[0].float().cpu() - side.reference(0, "pt")[0].float().cpu()).abs().max().item()
+            ms = median_ms({"ours": side.ours, "ours_generate": side.generate, "reference": side.reference},
                            cfg.device, cfg.warmup, cfg.repeats, cfg.clock)
     per_s = {name: count / (value / 1000.0) for name, value in ms.items()}
     result = {"benchmark": "synth", "preset": preset_name, "device": cfg.device, "dtype": cfg.dtype,
@@ -264,6 +242,132 @@ def bench_synth(cfg: SpeedConfig) -> dict:
           f"throughput {result['throughput_ratio']:.3f} ({cfg.clock} time, median of {cfg.repeats} runs of {count} "
           f"images; max |image diff| {diff:.2e})")
     return result
+
+
+class SynthSide:
+    """One dtype's side of the synth benchmarks: `ours()` (sample.synthesize's shard loop end to end,
+    each call into a fresh output folder), `generate(b)` (ours, the model calls only; batch b, -1:
+    all) and `reference(b, output_type)` (diffusers' ControlNet pipeline on the same inputs)."""
+
+    def __init__(self, run, pipeline, folder: Path, size: int, cfg: SpeedConfig) -> None:
+        from sample.sadf_jobs import job_seed, shard_batches
+
+        self.run, self.pipeline, self.folder, self.size, self.runs_done = run, pipeline, folder, size, 0
+        batches = shard_batches(run.num_jobs, cfg.batch, samples_per_driver=cfg.batch)[:SYNTH_BATCHES]
+        self.inputs = [[run.builder(j.pair_id) for j in batch] for batch in batches]
+        self.seeds = [[job_seed(cfg.seed, j.pair_id, j.sample_index) for j in batch] for batch in batches]
+        self.device = torch.device(cfg.device)
+
+    def ours(self) -> None:
+        from sample.synthesize import synthesize_shard
+
+        self.runs_done += 1
+        synthesize_shard(self.run, self.folder / f"out{self.runs_done}", 0, 1, progress=False)
+
+    def generate(self, b: int = -1) -> list[torch.Tensor]:
+        from sample.sadf_inputs import generate_rows
+
+        chosen = range(len(self.inputs)) if b < 0 else [b]
+        return [generate_rows(self.run.sd, self.run.control, self.run.contexts, self.inputs[i], self.seeds[i],
+                              self.run.cfg, self.size) for i in chosen]
+
+    def reference(self, b: int = -1, output_type: str = "pil") -> list:
+        chosen = range(len(self.inputs)) if b < 0 else [b]
+        dtype = next(self.pipeline.unet.parameters()).dtype
+        out = []
+        for i in chosen:
+            hints = torch.stack([r.hint for r in self.inputs[i]])  # (B, 3, H, W) in [0, 1]
+            out.append(self.pipeline([r.prompt for r in self.inputs[i]], image=hints.to(self.device, dtype),
+                                     height=self.size, width=self.size, num_inference_steps=SYNTH_STEPS,
+                                     guidance_scale=SYNTH_GUIDANCE, controlnet_conditioning_scale=1.0,
+                                     generator=[torch.Generator().manual_seed(s) for s in self.seeds[i]],
+                                     output_type=output_type).images)
+        return out
+
+
+def _synth_files(cfg: SpeedConfig, folder: Path, preset_name: str, size: int, dtype: torch.dtype,
+                 **overrides) -> None:
+    """Write the synth benchmarks' inputs into `folder`: a random model of the preset (with
+    `overrides`) and a "trained" control (residual convs randomised, so the control acts) in our
+    and diffusers' layouts, stored in `dtype`, and the procedural demo data at the image size."""
+    from data.demo import DemoConfig, make_demo_dataset
+    from model.controlnet import ControlNet
+    from sample.pipeline import random_pipeline
+    from weights import save_control, save_diffusers
+
+    sd = random_pipeline(preset_name, seed=cfg.seed, **overrides)
+    control = ControlNet.from_unet(sd.unet)
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    with torch.no_grad():
+        for m in [*control.zero_convs, control.middle_block_out, control.input_hint_block[-1]]:
+            for p in m.parameters():
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    save_diffusers(sd, folder / "sd", dtype=dtype)
+    save_control(control, folder / "controlnet", layout="diffusers", dtype=dtype)
+    save_control(control, folder / "control.safetensors", dtype=dtype)
+    make_demo_dataset(DemoConfig(out=str(folder / "demo"), size=size, num_defective=4, num_free=2, seed=cfg.seed),
+                      progress=False)
+
+
+def _synth_side(cfg: SpeedConfig, folder: Path, size: int, dtype: torch.dtype) -> SynthSide:
+    """Both implementations loaded from `folder` (see _synth_files) in `dtype`."""
+    from diffusers import ControlNetModel, DPMSolverMultistepScheduler, StableDiffusionControlNetPipeline
+
+    from sample.runtime import dtype_name
+    from sample.synthesize import SynthesizeConfig, prepare
+
+    device = torch.device(cfg.device)
+    synth = SynthesizeConfig(ckpt=str(folder / "sd"), control=str(folder / "control.safetensors"),
+                             free=str(folder / "demo" / "free.json"), masks=str(folder / "demo" / "annotations.json"),
+                             variants=2, samples_per_driver=cfg.batch, resolution=size, steps=SYNTH_STEPS,
+                             guidance=SYNTH_GUIDANCE, batch=cfg.batch, seed=cfg.seed, dtype=dtype_name(dtype),
+                             device=cfg.device, max_images=SYNTH_BATCHES * cfg.batch, progress=False)
+    run = prepare(synth, device, dtype)
+    run.run_file["models"] = {"ckpt": "bench", "control": "bench"}
+    pipeline = StableDiffusionControlNetPipeline.from_pretrained(
+        folder / "sd", controlnet=ControlNetModel.from_pretrained(folder / "controlnet", torch_dtype=dtype,
+                                                                  local_files_only=True),
+        torch_dtype=dtype, safety_checker=None, feature_extractor=None, local_files_only=True)
+    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(
+        pipeline.scheduler.config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="linspace",
+        steps_offset=0)
+    pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    out = folder / f"runs-{dtype_name(dtype)}"
+    out.mkdir(exist_ok=True)
+    return SynthSide(run, pipeline, out, size, cfg)
+
+
+def bench_synth_dtypes(cfg: SpeedConfig) -> dict:
+    """SADF synthesis images/s with the benchmarks' small UNet (defectsynth.benchmark.small_unet_config)
+    in the tiny preset's VAE and text encoder: ours end to end (as `synth`) and diffusers' ControlNet
+    pipeline, each in every dtype of --dtypes (weights stored in it, as --dtype loads them), all
+    interleaved in this process. E.g. on a CPU:
+        OMP_NUM_THREADS=1 python -m eval.speed synth-dtypes --batch 4 --latent 16 --repeats 3 --clock process"""
+    import contextlib
+    import io
+
+    size, count = cfg.latent * 8, SYNTH_BATCHES * cfg.batch
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        _synth_files(cfg, folder, "tiny", size, torch.float32, unet=small_unet_config())
+        runs = {}
+        for name in cfg.dtypes:
+            side = _synth_side(cfg, folder, size, DTYPES[name])
+            runs["ours", name], runs["reference", name] = side.ours, side.reference
+        with torch.inference_mode(), contextlib.redirect_stdout(io.StringIO()) as printed:
+            result = compare_dtypes(runs, cfg, f"synth-dtypes small UNet {cfg.device} {size}x{size} batch {cfg.batch}",
+                                    unit="ms/image", per=count)
+        print(printed.getvalue().splitlines()[-1])
+    result.update({"benchmark": "synth-dtypes", "device": cfg.device, "batch": cfg.batch, "size": size,
+                   "steps": SYNTH_STEPS, "sampler": "dpmpp", "images_per_run": count})
+    for key in [k for k in result if k.endswith("_ms")]:
+        result[key.replace("_ms", "_images_per_s")] = 1000.0 / result[key]
+    return result
+
+
+BENCHMARKS["synth-dtypes"] = (bench_synth_dtypes, "small-UNet SADF synthesis images/s, ours vs diffusers' ControlNet "
+                                                  "pipeline in each of --dtypes, one process")
 
 
 BENCHMARKS["synth"] = (bench_synth, "SADF synthesis images/s (tiny on CPU, SD 1.5 on CUDA): sample.synthesize end "

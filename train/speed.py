@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectsynth.errors import command
-from defectsynth.benchmark import (Benchmarks, SpeedConfig, benchmark_parser, config_from_argv, median_ms,
-                                   memory_baseline, peak_memory_since, run_benchmark, run_in_fresh_processes,
-                                   saved_activation_bytes, warm_process)
+from defectsynth.benchmark import (Benchmarks, SpeedConfig, benchmark_parser, compare_dtypes, config_from_argv,
+                                   median_ms, memory_baseline, peak_memory_since, run_benchmark, run_in_fresh_processes,
+                                   saved_activation_bytes, small_unet_config, warm_process)
 from model.stable_diffusion import preset
 from model.unet import UNet, UNetConfig
 from train.optim import build_adamw, optimizer_step, param_group
@@ -148,7 +148,21 @@ def step_child(implementation: str, trained: str, preset_name: str, checkpointin
     build = _builder(implementation, trained, unet_config, checkpointing, cfg)
     warm_process(device, _train_toy)
     before = memory_baseline(device)
+    step, params, forward, inputs = make_step(build, trained, unet_config, cfg)
+    ms = median_ms({"step": step}, cfg.device, cfg.warmup, cfg.repeats, cfg.clock)["step"]
+    peak = peak_memory_since(device, before)
+    with autocast(device, cfg.dtype):  # after the peak was read: one more forward, its graph dropped
+        saved = saved_activation_bytes(lambda: forward(*inputs), params)
+    return {"ms": ms, "peak_bytes": peak, "saved_bytes": saved, "params": sum(p.numel() for p in params)}
 
+
+def make_step(build: Callable[[], tuple[list[nn.Parameter], Forward]], trained: str, unet_config: UNetConfig,
+              cfg: SpeedConfig) -> tuple[Callable[[], None], list[nn.Parameter], Forward, tuple]:
+    """Build the networks (seeded) and the step's inputs; returns (step, trained parameters,
+    forward, (x_t, t, context, hint)). A step, as train.concept / train.condition run it: autocast
+    forward in cfg.dtype, float32 MSE against the noise, (scaled) backward, then
+    train.optim.optimizer_step (unscale, clip to 1.0, fused AdamW, zero_grad)."""
+    device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     params, forward = build()
     group, lr = TRAINED[trained]
@@ -169,12 +183,7 @@ def step_child(implementation: str, trained: str, preset_name: str, checkpointin
         loss = F.mse_loss(pred.float(), target)
         scaler.scale(loss).backward()
         optimizer_step(optimizer, scaler, params, max_grad_norm=1.0)
-
-    ms = median_ms({"step": step}, cfg.device, cfg.warmup, cfg.repeats, cfg.clock)["step"]
-    peak = peak_memory_since(device, before)
-    with autocast(device, cfg.dtype):  # after the peak was read: one more forward, its graph dropped
-        saved = saved_activation_bytes(lambda: forward(x, t, context, hint), params)
-    return {"ms": ms, "peak_bytes": peak, "saved_bytes": saved, "params": sum(p.numel() for p in params)}
+    return step, params, forward, (x, t, context, hint)
 
 
 def bench_step(cfg: SpeedConfig, name: str) -> dict:
@@ -205,6 +214,30 @@ def bench_step(cfg: SpeedConfig, name: str) -> dict:
     return result
 
 
+def bench_step_dtypes(cfg: SpeedConfig, trained: str) -> dict:
+    """One training step of the benchmarks' small UNet (defectsynth.benchmark.small_unet_config) or of
+    its control copy, ours and diffusers in every dtype of --dtypes (autocast; trainable weights
+    float32, the control's frozen UNet stored in the dtype, as train/ runs them), all built in this
+    process and interleaved, so load hits every variant alike (no memory figures: they share the
+    process). E.g. on a CPU:
+        OMP_NUM_THREADS=1 python -m train.speed train-step-dtypes --batch 4 --latent 16 --repeats 5 --clock process"""
+    from dataclasses import replace
+
+    unet_config = small_unet_config()
+    runs, params = {}, {}
+    for dtype in cfg.dtypes:
+        side = replace(cfg, dtype=dtype)
+        for impl in ("ours", "reference"):
+            build = _builder(impl, trained, unet_config, False, side)
+            runs[impl, dtype], trained_params, _, _ = make_step(build, trained, unet_config, side)
+            params[impl] = sum(p.numel() for p in trained_params)
+    name = f"{'train' if trained == 'unet' else 'control'}-step-dtypes"
+    result = compare_dtypes(runs, cfg, f"{name} small UNet {cfg.device} batch {cfg.batch} latent {cfg.latent}")
+    result.update({"benchmark": name, "device": cfg.device, "batch": cfg.batch, "latent": cfg.latent,
+                   "params": params["ours"], "reference_params": params["reference"]})
+    return result
+
+
 def _summary(trained: str, preset_name: str, checkpointing: bool) -> str:
     what = (f"one training step (forward, backward, clip, AdamW) of the {preset_name} UNet" if trained == "unet" else
             f"one ControlNet training step (control copy + frozen {preset_name} UNet, backward, clip, AdamW)")
@@ -214,6 +247,10 @@ def _summary(trained: str, preset_name: str, checkpointing: bool) -> str:
 
 BENCHMARKS: Benchmarks = {name: (lambda cfg, name=name: bench_step(cfg, name), _summary(*variant))
                           for name, variant in STEP_VARIANTS.items()}
+BENCHMARKS["train-step-dtypes"] = (lambda cfg: bench_step_dtypes(cfg, "unet"),
+                                  "small-UNet training step, ours vs diffusers in each of --dtypes, one process")
+BENCHMARKS["control-step-dtypes"] = (lambda cfg: bench_step_dtypes(cfg, "control"),
+                                    "small-UNet control training step, ours vs diffusers in each of --dtypes, one process")
 
 
 # ----------------------------------------------------------------------------------------------
