@@ -435,6 +435,9 @@ def main(cfg: SynthesizeConfig) -> SynthesizeResult | np.ndarray:
     return result
 
 
+MAX_PENDING_WRITES = 2  # finished batches waiting for the PNG writer; more waits, so memory stays bounded
+
+
 def synthesize_shard(run: Run, out: Path, shard: int, num_shards: int, progress: bool = True) -> SynthesizeResult:
     """Generate this shard's unfinished batches, writing images and records as they finish."""
     cfg = run.cfg
@@ -465,6 +468,8 @@ def synthesize_shard(run: Run, out: Path, shard: int, num_shards: int, progress:
             for future in [f for f in pending if f.done()]:
                 future.result()  # surface write errors now
                 pending.remove(future)
+            while len(pending) > MAX_PENDING_WRITES:  # bounded memory: wait for the writer (a slow disk)
+                pending.pop(0).result()
             result.generated += len(new)
             result.retried += redraws
             result.dropped += sum(pixels is None for _, pixels, _ in new)
