@@ -8,9 +8,9 @@ key or field, what was expected and what to do. Every stage's `cli(argv)` is wra
 
     defectsynth <stage>: <message on one line>
 
-on stderr and exit status 2. Anything else (a bug) keeps its traceback. An OSError that names a
-file (no such file, permission denied, a directory where a file was expected) is expected too, and
-ENOSPC becomes "disk full while writing PATH". Standard library only: every package imports it.
+on stderr and exit status 2. Anything else (a bug) keeps its traceback. An OSError (no such file,
+permission denied, a directory where a file was expected: the environment, not the code) is
+expected too, and ENOSPC becomes "disk full while writing PATH". Standard library only: every package imports it.
 """
 from __future__ import annotations
 
@@ -79,6 +79,7 @@ def message_for(err: BaseException) -> str | None:
             return one_line(str(disk_full(err.filename or "the output folder")))
         if err.filename is not None:
             return f"{err.filename}: {err.strerror or err}"
+        return one_line(str(err)) if str(err) else None  # e.g. the FID weights not on disk
     return None
 
 

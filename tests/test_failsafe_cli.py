@@ -135,6 +135,8 @@ CASES = [
     ("condition-drop-rate", "condition", lambda f: [*TINY, "--data", str(f["demo"]), "--drop-prompt-rate", "2"],
      "--drop-prompt-rate"),
     ("evaluate-checkpoint-0", "evaluate", lambda f: ["--checkpoint-every", "0"], "--checkpoint-every"),
+    ("evaluate-bad-data", "evaluate", lambda f: ["--data", str(f["coco_area"])], "area must be a number > 0"),
+    ("evaluate-no-data-file", "evaluate", lambda f: ["--data", str(f["root"] / "none.json")], "none.json"),
     ("synthesize-no-free", "synthesize", lambda f: [*TINY], "--free"),
     ("prior-no-data", "prior", lambda f: [], "--data"),
     # images
@@ -203,3 +205,28 @@ def test_an_unexpected_error_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(generate, "main", bug)
     with pytest.raises(ZeroDivisionError):
         defectsynth(["generate", "--random-weights", "--out", "x"])
+
+
+def test_the_wrapper_classifies_errors(capsys):
+    """UserError and OSError (environment) are one line and exit 2; ENOSPC says disk full; a
+    multi-line message is joined into one line; anything else propagates."""
+    import errno
+
+    from defectsynth.errors import UserError, command
+
+    def raising(error):
+        @command("demo")
+        def cli(argv=None):
+            raise error
+        return cli
+
+    cases = [(UserError("train.concept: a\nb:\nc"), "defectsynth demo: a; b: c"),
+             (FileNotFoundError("the FID weights are not on disk"), "defectsynth demo: the FID weights are not on disk"),
+             (FileNotFoundError(errno.ENOENT, "No such file or directory", "/x/y"), "defectsynth demo: /x/y: No such file"),
+             (OSError(errno.ENOSPC, "No space left on device", "/x/z.png"), "defectsynth demo: disk full while writing /x/z.png")]
+    for error, start in cases:
+        assert raising(error)() == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(start), (error, err)
+    with pytest.raises(KeyError):
+        raising(KeyError("bug"))()
