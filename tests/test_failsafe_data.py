@@ -105,3 +105,57 @@ def test_a_hint_of_another_aspect_ratio_warns(tmp_path, capsys):
     write_image_atomic(hint, np.zeros((32, 32, 3), np.uint8))
     read_hint(str(hint), 64, 64)  # same aspect ratio: resized silently
     assert "stretched" not in capsys.readouterr().err
+
+
+def test_disk_full_anywhere_names_the_file(tmp_path, monkeypatch, capsys):
+    """ENOSPC while writing an image (generate) or a weights file (convert): one line naming the file
+    and about how much it needed, exit 2 (before: a raw OSError / safetensors error)."""
+    import errno
+    import pathlib
+
+    import safetensors.torch
+
+    real_write = pathlib.Path.write_bytes
+
+    def full(self, data):
+        if ".png." in self.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", full)
+    assert defectsynth(["generate", "--random-weights", "--preset", "tiny", "--steps", "1", "--num", "1",
+                        "--out", str(tmp_path / "g"), "--no-progress", "--device", "cpu"]) == 2
+    line = one_line(capsys)
+    assert f"disk full while writing {tmp_path / 'g' / '000000.png'} (needed about 1 MB" in line
+    monkeypatch.undo()
+
+    from model.stable_diffusion import StableDiffusion, preset
+    from weights import save_ldm
+    src = save_ldm(StableDiffusion(preset("tiny")), tmp_path / "src.safetensors")
+
+    def no_space(*args, **kwargs):
+        raise safetensors.SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                          'message: "No space left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", no_space)
+    dst = tmp_path / "dst.safetensors"
+    assert defectsynth(["convert", str(src), str(dst)]) == 2
+    assert f"disk full while writing {dst} (needed about" in one_line(capsys) and not dst.exists()
+
+
+def test_synthesize_reports_images_written_not_drawn(tmp_path, monkeypatch, capsys):
+    """--max-images with every drawn image dropped: the summary says 0 written (before: '4 new images')."""
+    import sample.sadf_inputs as sadf_inputs
+    from data.demo import DemoConfig, make_demo_dataset
+    from sample.synthesize import SynthesizeConfig, main as synthesize_main
+
+    demo = tmp_path / "demo"
+    make_demo_dataset(DemoConfig(out=str(demo), size=64, num_defective=2, num_free=2, seed=0), progress=False)
+    monkeypatch.setattr(sadf_inputs, "generate", lambda *a, seeds, **k: torch.full((len(seeds), 3, 64, 64), 0.5))
+    cfg = SynthesizeConfig(random_weights=True, preset="tiny", free=str(demo / "free.json"),
+                           masks=str(demo / "annotations.json"), out=str(tmp_path / "sadf"), variants=0,
+                           samples_per_driver=2, steps=1, batch=2, retries=0, max_images=2, resolution=64,
+                           device="cpu", progress=False)
+    result = synthesize_main(cfg)
+    assert (result.generated, result.dropped) == (2, 2)
+    assert "0 new images written (0 guard redraws, 2 dropped)" in capsys.readouterr().out
