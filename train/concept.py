@@ -413,6 +413,7 @@ def main(cfg: ConceptConfig) -> ConceptResult:
         check_flags(cfg)
         refuse_to_overwrite(cfg.out, cfg.resume, cfg.overwrite)
         check_instance_data(cfg.data)
+        barrier()  # every rank has checked --out before rank 0 writes into it
         model = load_base_model(cfg)
         cfg = resolve_config(cfg, model, device)
         check_identifier(model, cfg.identifier)

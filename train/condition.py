@@ -462,6 +462,7 @@ def main(cfg: ConditionConfig) -> ConditionResult:
         refuse_to_overwrite(cfg.out, cfg.resume, cfg.overwrite)
         if not read_coco(cfg.data)["images"]:
             raise UserError(f"train.condition: --data {cfg.data}: the COCO file lists no images")
+        barrier()  # every rank has checked --out before rank 0 writes into it
         model = load_base_model(cfg)
         cfg = resolve_config(cfg, model, device)
         out, ckpt_root = Path(cfg.out), Path(cfg.out) / "checkpoints"
