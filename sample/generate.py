@@ -9,7 +9,7 @@
 Writes, in OUT:
     000000.png, 000001.png, ...   one image per sample (`--num`), written atomically
     grid.png                      the contact sheet of all samples (`--no-grid` to skip)
-    generate.json                 the resolved run config and every sample's seed
+    generate.json                 the resolved run config, every sample's seed and the provenance
 
 Sample i is drawn from the seed derive_seed(--seed, "sample", i) with its own generator, so its
 randomness is the same whatever `--batch-size` is. The networks' kernels still depend on the batch size
@@ -33,6 +33,7 @@ from data.files import encode_image, write_bytes_atomic, write_image_atomic, wri
 from data.images import read_image
 from data.seeding import derive_seed
 from defectsynth.errors import UserError, command
+from defectsynth.provenance import provenance
 from defectsynth.runconfig import config_from_args, config_to_dict, parser_from_dataclass
 from model.stable_diffusion import PRESETS
 from sample.pipeline import SAMPLERS, generate, random_pipeline
@@ -220,7 +221,8 @@ def main(cfg: GenerateConfig) -> GenerateResult:
     seeds = Lazy(cfg.num, lambda i: given[i] if given else derive_seed(base_seed, "sample", i))
     paths = Lazy(cfg.num, lambda i: out / f"{i:06d}.png")
     parameters = png_parameters(cfg) if cfg.png_info else None
-    record = {"config": config_to_dict(cfg), "seed_rule": "--seeds" if given else "derive_seed(seed, 'sample', i)"}
+    record = {"config": config_to_dict(cfg), "seed_rule": "--seeds" if given else "derive_seed(seed, 'sample', i)",
+              "provenance": provenance(device)}  # package version, git commit, torch, device
     if cfg.num <= SEEDS_LISTED:
         record["seeds"] = list(seeds)
     write_json_atomic(out / "generate.json", record, indent=2)

@@ -55,7 +55,10 @@ def test_png_parameters_chunk_reads_back_the_call_settings(tmp_path):
                          control_scale=0.8, control_start=0.0, control_end=0.5, batch=2, out=str(tmp_path / "o"),
                          progress=False, device="cpu", dtype="fp32")
     result = main(cfg)
-    assert result.seeds == [11, 42] and len(result.images) == 2
+    assert list(result.seeds) == [11, 42] and len(result.images) == 2
+    import json
+    record = json.loads((tmp_path / "o" / "generate.json").read_text())
+    assert record["provenance"]["torch"] == torch.__version__ and record["provenance"]["device"].startswith("cpu")
     for path, seed in zip(result.images, [11, 42]):
         prompt, negative, settings = parse_a1111_parameters(read_text_chunks(path)["parameters"])
         assert (prompt, negative) == ("an image of a sks, with a crack", "blurry")
