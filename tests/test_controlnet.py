@@ -12,7 +12,7 @@ from model.controlnet import ControlNet, ControlNetConfig, hint_widths_for
 from model.unet import UNet, UNetConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"
-TINY_ATOL = 1e-5  # DESIGN.md: float32 parity on tiny configs
+TINY_ATOL = 1e-5  # docs/testing.md: float32 parity on tiny configs
 
 
 def randomise_zero_inits(control: ControlNet, seed: int = 0) -> ControlNet:

@@ -20,8 +20,6 @@ only) a zero driver moves an image by about one grey level; with this one a wron
 moves the tiny pipeline's 64 px images by ~10 grey levels on average (measured), while the same
 driver gives the same image bit for bit.
 """
-import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np

@@ -14,7 +14,7 @@ How the two sides are driven identically:
 - For v-prediction, diffusers gets prediction_type="v_prediction" and the raw v; our samplers get
   the same v through `as_eps_denoiser` (v -> eps), so the wrapper is covered by the loop too.
 
-Tolerance 1e-5 absolute in float32 (DESIGN.md). diffusers keeps its schedule in float32; that is
+Tolerance 1e-5 absolute in float32 (docs/testing.md). diffusers keeps its schedule in float32; that is
 within 1e-5 everywhere except the full 1000-step DDPM chain, where its per-step beta
 1 - ab_t / ab_{t-1} loses ~5 digits to cancellation (measured 3e-5 drift at the end). That test
 hands diffusers our float64 table so it compares the algorithms, and a second test shows the

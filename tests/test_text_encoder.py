@@ -9,7 +9,7 @@ from model.text_encoder import TextEncoder, TextEncoderConfig
 from model.tokenizer import Tokenizer
 
 PROMPTS = ["a photo of a cat", "an image of a sks with a blowhole crack on a magnetic tile", ""]
-TOLERANCE = 1e-5  # DESIGN.md: float32 parity on tiny configs
+TOLERANCE = 1e-5  # docs/testing.md: float32 parity on tiny configs
 
 
 def _random_tokens(batch: int = 3, length: int = 77, seed: int = 1) -> torch.Tensor:

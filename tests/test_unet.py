@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from model.layers import GroupNorm32, attention, timestep_embedding
 from model.unet import UNet, UNetConfig
 
-# Documented in DESIGN.md: 1e-5 absolute on tiny configs (float32, CPU).
+# Documented in docs/testing.md: 1e-5 absolute on tiny configs (float32, CPU).
 TINY_ATOL = 1e-5
 
 
@@ -274,7 +274,7 @@ def test_control_residuals_match_diffusers_additional_residuals(tiny_pair):
 def test_parity_with_diffusers_sd15_size(tmp_path):
     """The real SD 1.5 UNet (random weights), batch 1, 32x32 latent, 77 tokens.
 
-    Tolerance 1e-4, not 1e-5: at this size float32 summation-order noise alone is ~7e-6 (DESIGN.md:
+    Tolerance 1e-4, not 1e-5: at this size float32 summation-order noise alone is ~7e-6 (docs/testing.md:
     the reference UNet against itself with its two attention implementations), and a different
     matmul blocking on another CPU can add a few times that. A real bug is orders of magnitude
     larger. (Measured here: 4.3e-6; our SD 1.x proj_in/proj_out run as Linears, theirs as 1x1 convs.)

@@ -9,7 +9,7 @@ import torch
 
 from model.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
 
-TINY_ATOL = 1e-5  # DESIGN.md: float32 parity on tiny configs
+TINY_ATOL = 1e-5  # docs/testing.md: float32 parity on tiny configs
 
 
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
