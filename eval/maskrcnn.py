@@ -27,7 +27,7 @@ import contextlib
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from data.files import atomic_path, write_bytes_atomic, write_json_atomic
 from data.masks import mask_to_rle
 from data.seeding import derive_seed
 from defectsynth.errors import UserError, command
+from defectsynth.device import DEVICE_HELP, resolve_device
 from defectsynth.runconfig import config_from_args, config_to_dict, parser_from_dataclass
 from eval.coco_eval import evaluate_coco
 from eval.detection_data import InstanceDataset, LabelMap, load_batch
@@ -104,7 +105,7 @@ class MaskRCNNConfig:
     score_threshold: float = field(default=0.5, metadata={"help": "IoU / Hausdorff: predictions kept"})
     checkpoint_every: int = field(default=200, metadata={"help": "steps between checkpoints"})
     hflip: bool = field(default=True, metadata={"help": "random horizontal flips"})
-    device: str = field(default="cpu", metadata={"help": "torch device"})
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 
 
@@ -267,7 +268,7 @@ def train_phase(phase_dir: Path, dataset: InstanceDataset, num_classes: int, cfg
         return final, None
     phase_dir.mkdir(parents=True, exist_ok=True)
     cfg = resolved_precision(cfg, announce=False)  # run_benchmark resolved (and announced) it already
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)  # "auto" -> cuda if available, else cpu (defectsynth/device.py)
     # One seed for the random initialisation and the training randomness (RPN / RoI sampling):
     # every phase of a repeat starts from the same weights, so experiments are paired.
     torch.manual_seed(derive_seed(seed, "maskrcnn") % (2 ** 63))
@@ -451,6 +452,7 @@ def run_benchmark(cfg: MaskRCNNConfig) -> dict[str, Any]:
     """Run (or resume) every requested experiment; returns and writes OUT/results.json:
     {"experiments": {key: {"experiment", "real_fraction", "runs": [metrics per seed], "mean", "std"}
     or {"not_run": reason}}, "classes", "config", "n_test_images", "matching_rule"}."""
+    cfg = replace(cfg, device=str(resolve_device(cfg.device)))  # "auto" -> cuda if available, else cpu
     unknown = sorted(set(cfg.experiments) - set(EXPERIMENTS))
     if unknown:
         raise UserError(f"--experiments: unknown {unknown}; choose from {list(EXPERIMENTS)}")

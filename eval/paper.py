@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ import numpy as np
 
 from data.files import write_json_atomic
 from defectsynth.errors import UserError, command
+from defectsynth.device import DEVICE_HELP, resolve_device
 from defectsynth.runconfig import config_from_args, config_to_dict, parser_from_dataclass
 from eval.report import bar_chart, fmt, json_ready, markdown_table, write_text_atomic
 
@@ -123,7 +124,7 @@ class PaperConfig:
     diversity_size: int = field(default=256, metadata={"help": "table 3: image side for L2 / MI"})
     mi_bins: int = field(default=32, metadata={"help": "table 3: MI histogram bins"})
     seed: int = field(default=0, metadata={"help": "split, subsets, condition draw, KID"})
-    device: str = field(default="cpu", metadata={"help": "torch device"})
+    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 
 
@@ -402,6 +403,7 @@ TITLES = {"1": "Table 1: Mask R-CNN, synthetic / real / synthetic then real (100
 
 def main(cfg: PaperConfig) -> dict[str, Any]:
     """Make the requested tables; returns the report dict also written to OUT/report.json."""
+    cfg = replace(cfg, device=str(resolve_device(cfg.device)))  # "auto" -> cuda if available, else cpu
     unknown = sorted(set(cfg.tables) - set(TITLES))
     if unknown:
         raise UserError(f"--tables: unknown {unknown}; choose from {sorted(TITLES)}")
