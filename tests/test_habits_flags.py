@@ -128,3 +128,18 @@ def test_version(capsys):
     assert defectsynth_main(["--version"]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"defectsynth {__version__} (") and "torch " in line
+
+
+def test_an_old_run_config_with_stage_keys_of_before_the_rename_loads(tmp_path, capsys):
+    from defectsynth.run import RunConfig
+    path = tmp_path / "run_config.json"
+    path.write_text(json.dumps({"seed": 3, "concept": {"validation_steps": 7},
+                                "condition": {"num_validation": 2, "validation_steps": 5},
+                                "synthesize": {"token": "zwx", "batch": 4},
+                                "provenance": {"defectsynth": "0.0.1"}}))
+    cfg = load_config_json(RunConfig, path)
+    assert (cfg.seed, cfg.concept.validation_sampler_steps) == (3, 7)
+    assert (cfg.condition.num_validation_images, cfg.condition.validation_sampler_steps) == (2, 5)
+    assert (cfg.synthesize.identifier, cfg.synthesize.batch) == ("zwx", 4)
+    err = capsys.readouterr().err
+    assert f"{path}.concept: key 'validation_steps' is deprecated" in err and "'token' is deprecated" in err
