@@ -33,6 +33,7 @@ from model.controlnet import ControlNet
 from model.stable_diffusion import StableDiffusion
 from sample.pipeline import generate, random_pipeline
 from sample.records import model_sha256
+from sample.runtime import compile_module
 from sample.sadf_jobs import Job
 from weights import CheckpointError, load_control, load_pipeline
 
@@ -127,7 +128,8 @@ def load_models(cfg: SynthesizeConfig, device: torch.device, dtype: torch.dtype,
                                  f"{cfg.ckpt or cfg.preset}: {err}") from err
     else:
         control = ControlNet.from_unet(sd.unet).to(device=device, dtype=dtype)  # zero convs: no effect
-    control = control.eval()
+    control = compile_module(control.eval(), cfg.compile)
+    compile_module(sd.unet, cfg.compile)
     return sd.eval(), (MidOnlyControl(control) if only_mid_control else control)
 
 

@@ -139,12 +139,14 @@ class SynthesizeConfig:
     regenerate: int = field(default=0, metadata={
         "help": "regenerate this image id from its record into OUT/regenerated/"})
     sheet_pairs: int = field(default=4, metadata={"help": "pairs (rows) in contact_sheet.png (0: none)"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the UNet and the control (pays on long runs; the first batch compiles)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 
 # Flags that change how, not what, is made; everything else must match on a rerun.
 RUN_ONLY = ("out", "batch", "device", "save_drivers", "shard", "num_shards", "max_images", "merge_only",
-            "regenerate", "sheet_pairs", "progress")
+            "regenerate", "sheet_pairs", "compile", "progress")
 
 
 @dataclass

@@ -42,6 +42,7 @@ from defectsynth.errors import UserError, command
 from defectsynth.runconfig import config_from_args, parser_from_dataclass, save_config_json
 from model.stable_diffusion import StableDiffusion, preset
 from sample.pipeline import SAMPLERS, generate
+from sample.runtime import compile_module
 from weights import load_pipeline, save_diffusers, save_ldm
 from train.checkpoint import (archive_previous_run, checkpoint_name, refuse_to_overwrite, resolve_resume, strip_prefix,
                               with_prefix)
@@ -476,6 +477,7 @@ def main(cfg: ConceptConfig) -> ConceptResult:
                 print(f"resumed from {resume_from} at step {start_step}")
 
         unet.set_gradient_checkpointing(cfg.gradient_checkpointing)
+        compile_module(unet, cfg.compile)
         unet_ddp = wrap_ddp(unet, info)
         # The SD 2.x text encoder stops at its penultimate layer: the last one gets no gradient.
         text_ddp = wrap_ddp(text_encoder, info, find_unused_parameters=True) if cfg.train_text_encoder else text_encoder

@@ -75,6 +75,7 @@ from defectsynth.runconfig import config_from_args, parser_from_dataclass, save_
 from model.controlnet import ControlNet
 from model.stable_diffusion import StableDiffusion
 from sample.pipeline import SAMPLERS, generate, random_pipeline
+from sample.runtime import compile_module
 from train.checkpoint import (archive_previous_run, checkpoint_name, refuse_to_overwrite, resolve_resume, strip_prefix,
                               with_prefix)
 from train.data_order import IndexStream
@@ -546,6 +547,8 @@ def main(cfg: ConditionConfig) -> ConditionResult:
 
         control.set_gradient_checkpointing(cfg.gradient_checkpointing)
         unet.set_gradient_checkpointing(cfg.gradient_checkpointing)
+        compile_module(control, cfg.compile)
+        compile_module(unet, cfg.compile)
         # With only_mid_control the skip zero convs take no part in the loss: DDP must expect that.
         control_ddp = wrap_ddp(control, info, find_unused_parameters=cfg.only_mid_control)
         unet_ddp = unet if cfg.sd_locked else wrap_ddp(unet, info)

@@ -56,6 +56,8 @@ class FineTuneOptions:
         "help": "auto: bf16 on CUDA and on CPUs with native bf16 (AMX / AVX-512 BF16), else fp32; trainable weights stay float32",
         "choices": ["auto", *PRECISIONS]})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the trained networks (UNet, control copy); pays on long runs, the first steps compile"})
     ema: bool = field(default=False, metadata={"help": "keep an EMA of the trained weights"})
     ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per optimizer step (with --ema)"})
     # ---- run

@@ -69,6 +69,7 @@ from defectsynth.errors import UserError, command
 from defectsynth.runconfig import config_from_args, parser_from_dataclass, save_config_json
 from model.stable_diffusion import PRESETS, StableDiffusion, preset
 from sample.pipeline import generate
+from sample.runtime import compile_module
 from train.checkpoint import (archive_previous_run, check_resume_config, list_checkpoints, load_checkpoint,
                               refuse_to_overwrite, resolve_resume, strip_prefix, with_prefix)
 from train.data_order import IndexStream
@@ -142,6 +143,8 @@ class PriorConfig:
     sample_steps: int = field(default=25, metadata={"help": "DDIM steps of the sample grids"})
     sample_guidance: float = field(default=3.0, metadata={"help": "CFG scale of the sample grids"})
     sample_every: int = field(default=0, metadata={"help": "UNet steps between sample grids (0: end only)"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the UNet (pays on long runs; the first steps compile)"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
 
@@ -418,7 +421,7 @@ def train_unet(model: StableDiffusion, latents: tuple[torch.Tensor, torch.Tensor
     phase). Returns (per-step records of this call, stopped by a signal, the EMA)."""
     device, out = info.device, Path(cfg.out)
     root = out / "checkpoints" / "unet"
-    unet = model.unet.to(device).train().requires_grad_(True)
+    unet = compile_module(model.unet.to(device).train().requires_grad_(True), cfg.compile)
     params = list(unet.parameters())
     optimizer = build_adamw([param_group("unet", params, lr=cfg.unet_lr)], weight_decay=cfg.weight_decay)
     scaler = make_grad_scaler(cfg.precision, device)
