@@ -172,3 +172,26 @@ def test_user_class_images_may_have_any_names(demo_data, tmp_path):
         num_class_images=3, class_steps=1, steps=1, batch_size=1, validate_every=0, num_validation_images=0,
         progress=False, device="cpu", precision="fp32"))
     assert sorted(p.name for p in classes.iterdir()) == ["000002.png", "IMG_0042.png", "steel plate.jpg"]
+
+
+def test_a_checkpoint_from_before_the_prompt_fields_still_resumes(demo_data, tmp_path):
+    out = tmp_path / "run"
+    options = dict(preset="tiny", random_weights=True, data=str(demo_data), out=str(out), with_prior=False,
+                   batch_size=1, validate_every=0, num_validation_images=0, checkpoint_every=1, progress=False,
+                   device="cpu", precision="fp32")
+    concept.main(concept.ConceptConfig(steps=1, **options))
+    folder = out / "checkpoints" / "step_00000001"
+    saved = json.loads((folder / "config.json").read_text())  # as the older code wrote it: no prompt fields
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in saved.items()
+                                                    if k not in ("instance_prompt", "class_prompt")}))
+    state = torch.load(folder / "state.pt", weights_only=True)
+    for key in ("instance_prompt", "class_prompt", "validation_prompt", "save_dtype", "report_to"):
+        state["config"].pop(key)
+    torch.save(state, folder / "state.pt")
+    marker = json.loads((folder / "COMPLETE").read_text())  # the sizes it certifies, as they are now
+    marker["files"] = {name: (folder / name).stat().st_size for name in marker["files"]}
+    (folder / "COMPLETE").write_text(json.dumps(marker))
+    resumed = concept.main(concept.ConceptConfig(steps=2, resume="latest", **options))
+    assert [h["step"] for h in resumed.history] == [2]
+    with pytest.raises(UserError, match="instance_prompt"):  # a prompt the old run did not train on
+        concept.main(concept.ConceptConfig(steps=3, resume="latest", instance_prompt="a photo of zwx", **options))

@@ -353,6 +353,16 @@ def posterior_of(indices: list[int], dataset: ConceptDataset, cache: tuple[torch
     return encode_posterior(vae, images)
 
 
+def prompts_of_older_checkpoint(folder: Path, cfg: ConceptConfig) -> set[str]:
+    """{"instance_prompt", "class_prompt"} when `folder` predates those fields (its config.json has
+    no instance_prompt: both prompts were then always the template's, which the checkpoint's
+    template, identifier and class noun already pin) and this run derives them the same way."""
+    saved = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    derived = (cfg.instance_prompt == cfg.prompt_template.format(cfg.identifier)
+               and cfg.class_prompt == cfg.prompt_template.format(cfg.class_noun))
+    return {"instance_prompt", "class_prompt"} if derived and "instance_prompt" not in saved else set()
+
+
 def instance_images(data: str) -> dict | list[Path]:
     """--data: a COCO folder (annotations.json inside) or JSON file, or a plain folder of images
     (DreamBooth's instance_data_dir: every image under it, sorted, no annotations needed)."""
@@ -465,7 +475,8 @@ def main(cfg: ConceptConfig) -> ConceptResult:
         start_step = 0
         if resume_from is not None:
             weights, state = restore_training_state(resume_from, cfg, info, optimizer, scaler, ema,
-                                                    {"noise": noise_gen}, RESUMABLE_CHANGES)
+                                                    {"noise": noise_gen},
+                                                    RESUMABLE_CHANGES | prompts_of_older_checkpoint(resume_from, cfg))
             unet.load_state_dict(strip_prefix(weights, "unet."), strict=True)
             if cfg.train_text_encoder:
                 text_encoder.load_state_dict(strip_prefix(weights, "text_encoder."), strict=True)
