@@ -94,6 +94,7 @@ class PaperConfig:
     iterations: int = field(default=2000, metadata={"help": "Mask R-CNN steps per training phase"})
     batch_size: int = field(default=2, metadata={"help": "Mask R-CNN images per step"})
     lr: float = field(default=0.01, metadata={"help": "Mask R-CNN SGD learning rate"})
+    warmup_iterations: int = field(default=100, metadata={"help": "Mask R-CNN linear warm-up steps"})
     min_size: int = field(default=512, metadata={"help": "Mask R-CNN resize: shorter side"})
     max_size: int = field(default=512, metadata={"help": "Mask R-CNN resize: longest side cap"})
     init_weights: str | None = field(default=None, metadata={"help": "Mask R-CNN init state dict (see eval.maskrcnn)"})
@@ -217,6 +218,7 @@ def run_detection_tables(cfg: PaperConfig, out: Path) -> dict[str, dict[str, Any
         mcfg = MaskRCNNConfig(real=real, synthetic=synthetic, test=sets["test"], split_seed=cfg.seed,
                               out=str(out / "maskrcnn" / f"table{table}"), real_fractions=(1.0,),
                               seeds=cfg.seeds, iterations=cfg.iterations, batch_size=cfg.batch_size, lr=cfg.lr,
+                              warmup_iterations=cfg.warmup_iterations,
                               min_size=cfg.min_size, max_size=cfg.max_size, init_weights=cfg.init_weights,
                               rois_per_image=cfg.rois_per_image, detections_per_image=cfg.detections_per_image,
                               checkpoint_every=cfg.checkpoint_every, device=cfg.device, progress=cfg.progress,
