@@ -151,6 +151,8 @@ class PairInputs:
     hint: torch.Tensor               # float32 (3, H, W) in [0, 1]
     annotations: list[dict]          # COCO annotations without ids (RLE, exact area and box)
     meta: dict[str, Any]             # source image, variant, mask sources
+    driver: torch.Tensor | None = None   # float32 (3, H, W) in [0, 1]: the topological driver (adherence gate)
+    instances: list | None = None        # (uint8 (H, W) mask, category id) painted into the driver
 
 
 class PairInputsBuilder:
@@ -178,7 +180,7 @@ class PairInputsBuilder:
         free = self.pairs.free_images[(pair_id // variants) % len(self.pairs.free_images)]
         meta = {"source_image": pair.source_file, "free_image_id": free["id"], "variant": pair.variant,
                 "mask_sources": [self.sources[a] for a in pair.source_annotations]}
-        self.cache[pair_id] = PairInputs(pair_id, pair.prompt, hint, annotations, meta)
+        self.cache[pair_id] = PairInputs(pair_id, pair.prompt, hint, annotations, meta, pair.driver, pair.instances)
         while len(self.cache) > self.keep:
             self.cache.popitem(last=False)
         return self.cache[pair_id]
@@ -215,6 +217,15 @@ def reject_reasons(images: torch.Tensor, pixels: torch.Tensor, blank_std: float)
     stds = pixels.float().flatten(1).std(1).tolist()
     return [None if ok and std >= blank_std else "non-finite" if not ok
             else f"blank (pixel std {std:.2f} < {blank_std})" for ok, std in zip(finite, stds)]
+
+
+def adherence_scores(pixels, rows: list[PairInputs], driver_config: DriverConfig) -> list[float]:
+    """Condition adherence (data/adherence.py) of each generated uint8 (H, W, 3) image to its own
+    pair's driver and masks; either contrast direction counts (no class polarity)."""
+    from data.adherence import adherence
+
+    return [adherence(image, row.driver, row.instances, driver_config=driver_config).score
+            for image, row in zip(pixels, rows)]
 
 
 def batch_inputs(builder: PairInputsBuilder, batch: list[Job]) -> dict[int, PairInputs]:

@@ -74,8 +74,8 @@ from sample.pipeline import SAMPLERS
 from sample.records import RecordLog, assemble_coco, contact_sheet, read_records, records_path
 from sample.runtime import DTYPES, batch_to_uint8, dtype_name, resolve_device, resolve_dtype
 from sample.sadf_inputs import (PairInputs, PairInputsBuilder, PromptContexts, SynthesisError, batch_inputs,
-                                generate_rows, load_models, load_sources, model_identity, reject_reasons,
-                                resolve_condition)
+                                adherence_scores, generate_rows, load_models, load_sources, model_identity,
+                                reject_reasons, resolve_condition)
 from sample.sadf_jobs import Job, job_seed, shard_batches
 
 RUN_FILE, HASH_FILE, COCO_FILE, SHEET_FILE = "synthesize.json", "file_hashes.json", "sadf.json", "contact_sheet.png"
@@ -124,6 +124,10 @@ class SynthesizeConfig:
         "help": "redraws (derived seeds) of a non-finite or blank output before dropping it"})
     blank_std: float = field(default=2.0, metadata={
         "help": "an output whose pixel std (grey levels, 0..255) is below this is blank"})
+    min_adherence: float = field(default=0.0, metadata={
+        "help": "adherence gate (ours, beyond the paper): redraw (derived seeds, up to --retries) an output whose "
+                "condition adherence to its own driver (data/adherence.py) is below this, then keep its best "
+                "draw; every image records its score (0: off)"})
     # ---- run (these do not change the dataset)
     batch: int = field(default=8, metadata={"help": "images per generate() call", "flag": "batch_size",
                                             "formerly": ("batch",)})
@@ -241,13 +245,15 @@ Outcome = tuple[Job, "np.ndarray | None", dict]  # (job, uint8 (H, W, 3) image o
 
 
 def run_batch(run: Run, batch: list[Job], inputs: dict[int, PairInputs]) -> tuple[list[Outcome], int]:
-    """Generate one batch under the guard: rejected rows are redrawn together (one generate() call
-    per attempt, each row with its derived seed) up to --retries times, then dropped. Returns the
-    outcome of every job and the number of redraws."""
+    """Generate one batch under the guard: rejected rows (non-finite, blank, or below the adherence
+    gate --min-adherence) are redrawn together (one generate() call per attempt, each row with its
+    derived seed) up to --retries times; then a row that only failed the gate keeps its best draw,
+    any other is dropped. Returns the outcome of every job and the number of redraws."""
     cfg = run.cfg
     rejected: dict[int, list[dict]] = {j.index: [] for j in batch}
     done: dict[int, tuple[np.ndarray | None, dict]] = {}
     pending, attempt, redraws = list(batch), 0, 0
+    best: dict[int, tuple[np.ndarray, dict]] = {}  # job -> its best draw below the adherence gate
     while pending:
         seeds = [job_seed(cfg.seed, j.pair_id, j.sample_index, attempt) for j in pending]
         images = generate_rows(run.sd, run.control, run.contexts, [inputs[j.pair_id] for j in pending], seeds, cfg,
@@ -255,19 +261,27 @@ def run_batch(run: Run, batch: list[Job], inputs: dict[int, PairInputs]) -> tupl
         pixels = batch_to_uint8(images)
         reasons = reject_reasons(images, pixels, cfg.blank_std)
         pixels = pixels.cpu().numpy()
+        scores = adherence_scores(pixels, [inputs[j.pair_id] for j in pending], run.builder.pairs.config.driver) \
+            if cfg.min_adherence > 0 else [None] * len(pending)
         call = {"rows": [[j.pair_id, j.sample_index, s] for j, s in zip(pending, seeds)]}
         still = []
-        for row, (j, seed, reason) in enumerate(zip(pending, seeds, reasons)):
-            if reason is None:
-                done[j.index] = (pixels[row], {"status": "ok", "seed": seed, "attempt": attempt,
-                                               "call": {**call, "row": row}})
-            else:
-                rejected[j.index].append({"seed": seed, "reason": reason})
-                still.append(j)
+        for row, (j, seed, reason, score) in enumerate(zip(pending, seeds, reasons, scores)):
+            status = {"status": "ok", "seed": seed, "attempt": attempt, "call": {**call, "row": row}}
+            if score is not None:
+                status["adherence"] = round(score, 4)
+            if reason is None and (score is None or score >= cfg.min_adherence):
+                done[j.index] = (pixels[row], status)
+                continue
+            if reason is None:  # below the gate: remembered, the best such draw is kept if no redraw passes
+                reason = f"adherence {score:.3f} < {cfg.min_adherence}"
+                if j.index not in best or score > best[j.index][1]["adherence"]:
+                    best[j.index] = (pixels[row], status)
+            rejected[j.index].append({"seed": seed, "reason": reason})
+            still.append(j)
         attempt += 1
         if still and attempt > cfg.retries:
             for j in still:
-                done[j.index] = (None, {"status": "dropped"})
+                done[j.index] = best.get(j.index, (None, {"status": "dropped"}))
             break
         redraws += len(still)
         pending = still
@@ -390,6 +404,9 @@ def main(cfg: SynthesizeConfig) -> SynthesizeResult | np.ndarray:
                                  f"got {getattr(cfg, name)}")
     if not 0 <= cfg.shard < cfg.num_shards:
         raise SynthesisError(f"sample.synthesize: --shard {cfg.shard} must be in 0..{cfg.num_shards - 1}")
+    if not 0 <= cfg.min_adherence <= 1:
+        raise SynthesisError(f"sample.synthesize: --min-adherence is an adherence score in [0, 1] (0: off), "
+                             f"got {cfg.min_adherence}")
     if cfg.eta != 0.0 and cfg.sampler != "ddim":
         raise SynthesisError(f"sample.synthesize: --eta {cfg.eta} applies to --sampler ddim only")
     if len(cfg.instances) != 2:
