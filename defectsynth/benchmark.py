@@ -49,6 +49,9 @@ class SpeedOptions:
                 "machine, meaningless for CUDA)", "choices": ["wall", "process"]})
     results: str | None = field(default=None, metadata={
         "help": "append the result to this file as one JSON line (a batch of benchmarks collects there)"})
+    compile: bool = field(default=False, metadata={
+        "help": "unet, train-step*: torch.compile both implementations' UNet (nn.Module.compile); the warm-up runs "
+                "compile, so give --warmup 2 or more"})
     dtypes: tuple[str, ...] = field(default=("fp32", "bf16"), metadata={
         "help": "the *-dtypes benchmarks: ours and diffusers in each of these dtypes, interleaved in one process "
                 "(replaces --dtype)", "choices": list(DTYPES)})

@@ -58,6 +58,9 @@ def bench_unet(cfg: SpeedConfig, name: str = "unet") -> dict:
     if (device.type, dtype) != ("cpu", torch.float32):  # diffusers warns on any .to(dtype)
         reference.to(device, dtype)
         ours.to(device, dtype)
+    if cfg.compile:  # both sides, in place; the warm-up calls compile
+        ours.compile()
+        reference.compile()
 
     g = torch.Generator().manual_seed(cfg.seed + 1)
     x = torch.randn(cfg.batch, 4, cfg.latent, cfg.latent, generator=g).to(device, dtype)
@@ -70,7 +73,7 @@ def bench_unet(cfg: SpeedConfig, name: str = "unet") -> dict:
                         "reference": lambda: reference(x, t, context)},
                        cfg.device, cfg.warmup, cfg.repeats, cfg.clock)
     result = {"benchmark": name, "device": cfg.device, "dtype": cfg.dtype, "batch": cfg.batch,
-              "latent": cfg.latent, "clock": cfg.clock, "ours_ms": ms["ours"], "reference_ms": ms["reference"],
+              "latent": cfg.latent, "clock": cfg.clock, "compile": cfg.compile, "ours_ms": ms["ours"], "reference_ms": ms["reference"],
               "ratio": ms["ours"] / ms["reference"], "max_abs_diff": diff}
     print(f"unet {preset_name} {cfg.device} {cfg.dtype} batch {cfg.batch} latent {cfg.latent}: "
           f"ours {ms['ours']:.1f} ms, diffusers {ms['reference']:.1f} ms, "

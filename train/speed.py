@@ -40,6 +40,7 @@ from defectsynth.benchmark import (Benchmarks, SpeedConfig, benchmark_parser, co
                                    saved_activation_bytes, small_unet_config, warm_process)
 from model.stable_diffusion import preset
 from model.unet import UNet, UNetConfig
+from sample.runtime import compile_module
 from train.optim import build_adamw, optimizer_step, param_group
 from train.precision import autocast, make_grad_scaler, precision_dtype
 
@@ -82,6 +83,7 @@ def _builder(implementation: str, trained: str, unet_config: UNetConfig, checkpo
             unet = UNet(unet_config).to(device)
             if trained == "unet":
                 unet.train().set_gradient_checkpointing(checkpointing)
+                compile_module(unet, cfg.compile)
                 return list(unet.parameters()), lambda x, t, context, hint: unet(x, t, context)
             control = ControlNet.from_unet(unet)
             unet.set_gradient_checkpointing(checkpointing)
@@ -106,6 +108,7 @@ def _builder(implementation: str, trained: str, unet_config: UNetConfig, checkpo
             unet.train()
             if checkpointing:
                 unet.enable_gradient_checkpointing()
+            compile_module(unet, cfg.compile)
             return list(unet.parameters()), \
                 lambda x, t, context, hint: unet(x, t, encoder_hidden_states=context).sample
         control = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=hint_widths_for(
@@ -201,7 +204,7 @@ def bench_step(cfg: SpeedConfig, name: str) -> dict:
               f"reference_{params_key}": measured.runs["reference"][0]["params"],
               "ours_ms": ours_ms, "reference_ms": reference_ms, "time_ratio": ours_ms / reference_ms,
               "ours_peak_mib": ours_mem / 2 ** 20, "reference_peak_mib": reference_mem / 2 ** 20,
-              "memory_ratio": ours_mem / reference_mem, "clock": cfg.clock}
+              "memory_ratio": ours_mem / reference_mem, "clock": cfg.clock, "compile": cfg.compile}
     ours_saved, reference_saved = (measured.runs[side][0]["saved_bytes"] for side in ("ours", "reference"))
     result.update({"ours_saved_mib": ours_saved / 2 ** 20, "reference_saved_mib": reference_saved / 2 ** 20,
                    "saved_ratio": ours_saved / reference_saved})
