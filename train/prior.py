@@ -60,9 +60,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.coco import load_coco
+from data.adherence import adherence
+from data.coco import annotations_by_image, decode_instances, load_coco
+from data.drivers import topological_driver
 from data.files import write_json_atomic
-from data.images import list_images, read_image
+from data.images import list_images, read_image, tensor_to_image
 from data.resize import check_resolution, resize_and_crop
 from data.seeding import derive_seed
 from defectsynth.errors import UserError, command
@@ -245,6 +247,38 @@ def vae_loss(x: torch.Tensor, recon: torch.Tensor, mean: torch.Tensor, logvar: t
 
 
 @torch.no_grad()
+def vae_adherence(vae: nn.Module, source: str, resolution: int, device: torch.device,
+                  limit: int = 32) -> dict[str, float] | None:
+    """Condition adherence (data/adherence.py) of the VAE's reconstructions of the first `limit`
+    annotated images of `source` (a COCO JSON; images already at `resolution`), each scored against
+    the topological driver of its original with its own masks: the ceiling of every generated
+    image's adherence downstream, since every image the model makes goes through this decoder.
+    "originals" scores the originals the same way (1.0 when every defect stands out). None when
+    `source` has no such images."""
+    path = Path(source)
+    if not path.is_file():
+        return None
+    data = load_coco(path, progress=False)
+    by_image = annotations_by_image(data)
+    records = [im for im in data["images"]
+               if by_image.get(im["id"]) and (im["height"], im["width"]) == (resolution, resolution)][:limit]
+    if not records:
+        return None
+    originals = [read_image(im["file_name"]) for im in records]
+    instances = [decode_instances(im, by_image[im["id"]]) for im in records]
+    batch = torch.from_numpy(np.stack(originals)).permute(0, 3, 1, 2).contiguous()  # (N, H, W, 3) -> (N, 3, H, W)
+    recon = reconstruct(vae, batch, device)
+    drivers = [topological_driver(image, inst) for image, inst in zip(originals, instances)]
+    scores = [adherence(tensor_to_image(r), d, inst) for r, d, inst in zip(recon, drivers, instances)]
+    placements = [s.placement for s in scores if s.placement is not None]
+    return {"reconstructions": float(np.mean([s.score for s in scores])),
+            "reconstructions_topology": float(np.mean([s.topology for s in scores])),
+            "reconstructions_placement": float(np.mean(placements)) if placements else float("nan"),
+            "originals": float(np.mean([adherence(o, d, inst).score
+                                        for o, d, inst in zip(originals, drivers, instances)])),
+            "images": len(records)}
+
+
 def reconstruct(vae: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 16) -> torch.Tensor:
     """Decode(posterior mean) of uint8 (N, 3, H, W) images: float32 (N, 3, H, W) in [-1, 1]."""
     out = []
@@ -535,6 +569,11 @@ def main(cfg: PriorConfig) -> PriorResult:
     print(f"train.prior: VAE reconstruction PSNR {', '.join(f'{k} {v:.2f} dB' for k, v in scores.items())} "
           f"(mean-colour images: {', '.join(f'{k} {v:.2f} dB' for k, v in flat.items())}); "
           f"latent std {latent_std:.4f} -> scaling factor {model.latent_scale:.5f}")
+    ceiling = vae_adherence(vae, cfg.eval_data, cfg.resolution, device) if cfg.eval_data else None
+    if ceiling is not None:
+        print(f"train.prior: condition adherence of the VAE's reconstructions of {ceiling['images']} --eval-data "
+              f"images {ceiling['reconstructions']:.3f} (the originals {ceiling['originals']:.3f}): the ceiling "
+              f"of every generated image's adherence")
 
     # Phase 2: the text-to-image UNet on the cached latents.
     unet_history, stopped, ema = train_unet(model, latents, cfg, info)
@@ -550,6 +589,9 @@ def main(cfg: PriorConfig) -> PriorResult:
                "psnr_definition": "mean over images of 10 log10(1 / MSE), RGB in [0, 1], decode(posterior mean) "
                                   "at the training resolution; 'train': first 32 training images, 'eval': the "
                                   "first 32 of --eval-data; psnr_flat_db: each image replaced by its mean colour",
+               "vae_adherence": ceiling,
+               "vae_adherence_definition": "data/adherence.py score of decode(posterior mean) of the first 32 "
+                                           "annotated --eval-data images against their originals' drivers",
                "latent_std": latent_std, "scaling_factor": model.latent_scale, "resolution": cfg.resolution,
                "images": len(images), "vae_steps": cfg.vae_steps, "unet_steps": cfg.unet_steps,
                "final_vae_l1": vae_history[-1]["l1"] if vae_history else None,
