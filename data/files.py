@@ -12,6 +12,8 @@ from typing import Any, Iterator
 import cv2
 import numpy as np
 
+from defectsynth.errors import disk_full, is_disk_full
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -35,8 +37,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+    except OSError as err:
+        if is_disk_full(err):  # one line naming the file and its size (defectsynth/errors.py)
+            raise disk_full(path, len(data)) from err
+        raise
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = None) -> None:

@@ -22,7 +22,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from defectsynth.errors import UserError
+from defectsynth.errors import UserError, disk_full, is_disk_full
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin")
@@ -299,6 +299,10 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata=dict(metadata or {}))
         os.replace(tmp, path)
+    except Exception as err:
+        if is_disk_full(err):  # safetensors reports ENOSPC as its own error type; say which file
+            raise disk_full(path, sum(v.numel() * v.element_size() for v in tensors.values())) from err
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
