@@ -73,17 +73,20 @@ def read_records(out: Path) -> dict[int, dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 
 def file_sha256(path: Path, cache: dict[str, dict[str, Any]]) -> str:
-    """sha256 of a file; `cache` (path -> {size, mtime_ns, sha256}) is read and updated."""
+    """sha256 of a file; `cache` (path -> {size, mtime_ns, ino, sha256}) is read and updated. The
+    inode is part of the key: a file replaced by an atomic rename within one tick of the file
+    system's coarse clock keeps its size and mtime but not its inode."""
     path = Path(path).resolve()
     stat = path.stat()
     hit = cache.get(str(path))
-    if hit and hit["size"] == stat.st_size and hit["mtime_ns"] == stat.st_mtime_ns:
+    if hit and hit["size"] == stat.st_size and hit["mtime_ns"] == stat.st_mtime_ns and hit.get("ino") == stat.st_ino:
         return hit["sha256"]
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 24), b""):
             digest.update(chunk)
-    cache[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+    cache[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ino": stat.st_ino,
+                        "sha256": digest.hexdigest()}
     return digest.hexdigest()
 
 

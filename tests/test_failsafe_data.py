@@ -159,3 +159,22 @@ def test_synthesize_reports_images_written_not_drawn(tmp_path, monkeypatch, caps
     result = synthesize_main(cfg)
     assert (result.generated, result.dropped) == (2, 2)
     assert "0 new images written (0 guard redraws, 2 dropped)" in capsys.readouterr().out
+
+
+def test_model_hash_cache_sees_a_file_replaced_within_one_clock_tick(tmp_path):
+    """A model file swapped (atomic rename) for another of the same size and the same mtime is hashed
+    again: the cache key holds the inode (before: size + mtime only, so a fast swap kept the old hash)."""
+    import os
+
+    from sample.records import file_sha256
+
+    path, other = tmp_path / "model.safetensors", tmp_path / "other.safetensors"
+    path.write_bytes(b"a" * 64)
+    other.write_bytes(b"b" * 64)
+    cache: dict = {}
+    first = file_sha256(path, cache)
+    stat = path.stat()
+    os.utime(other, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the same tick of a coarse clock
+    os.replace(other, path)
+    assert path.stat().st_mtime_ns == stat.st_mtime_ns and path.stat().st_size == stat.st_size
+    assert file_sha256(path, cache) != first
