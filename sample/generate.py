@@ -138,6 +138,8 @@ def check_size_before_loading(cfg: GenerateConfig) -> tuple[int, int] | None:
     (H and W multiples of the VAE's times the UNet's downsampling: 64 for SD), read from the
     preset or the checkpoint's header (meta tensors). Returns the hint's (h, w), if any."""
     hint_size = read_image(cfg.hint).shape[:2] if cfg.hint else None
+    if cfg.control and not Path(cfg.control).exists():
+        raise UserError(f"--control {cfg.control}: no such file or folder")
     if cfg.random_weights:
         config = PRESETS[cfg.preset]
         multiple = config.vae.downsample_factor * config.unet.downsample_factor

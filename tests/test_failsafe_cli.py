@@ -131,6 +131,8 @@ CASES = [
     ("bad-choice", "generate", lambda f: [*TINY, "--sampler", "bogus"], "--sampler"),
     ("unknown-flag", "generate", lambda f: [*TINY, "--bogus-flag"], "--bogus-flag"),
     ("control-without-hint", "generate", lambda f: [*TINY, "--control", str(f["good"])], "--hint"),
+    ("control-missing", "generate", lambda f: [*TINY, "--control", str(f["root"] / "no_control.safetensors"), "--hint",
+                                                str(f["demo"] / "images" / "defect_0000.png")], "no_control.safetensors"),
     ("concept-batch-0", "concept", lambda f: [*TINY, "--data", str(f["demo"]), "--batch-size", "0"], "--batch-size"),
     ("condition-drop-rate", "condition", lambda f: [*TINY, "--data", str(f["demo"]), "--drop-prompt-rate", "2"],
      "--drop-prompt-rate"),
