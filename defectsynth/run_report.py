@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from defectsynth.device import resolve_device
+from defectsynth.provenance import provenance
 from eval.paper import PaperConfig
 
 if TYPE_CHECKING:
@@ -213,6 +215,8 @@ def write_report(cfg: RunConfig, stages: list[Stage], out: Path, threads: int, s
     if cfg.demo:
         parts.append(DEMO_BANNER.format(size=cfg.demo_data.size, n_def=cfg.demo_data.num_defective,
                                         n_free=cfg.demo_data.num_free))
+    made_with = provenance(resolve_device(cfg.device))  # versions, commit (in a git checkout), device
+    parts.append("Made with " + ", ".join(f"{key} `{value}`" for key, value in made_with.items()) + ".")
     notes: list[str] = []
 
     # Per-stage times.
