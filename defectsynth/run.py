@@ -166,9 +166,10 @@ class RunConfig(RunFlags):
 
 
 def demo_stage_configs() -> dict[str, Any]:
-    """The embedded demo's settings: the paper's recipe, sized to finish within 15 minutes on two
-    CPU cores (measured: 730 s wall, 1.85 GB peak; steps, images and evaluation cut down, see the
-    report for what that means)."""
+    """The embedded demo's settings (ours): the pipeline's recipe, sized to finish within 15 minutes on two
+    CPU cores (measured before the Tables 2-4 stages existed: 730 s wall, 1.85 GB peak; their added
+    cost is estimated in docs/run.md; steps, images and evaluation cut down, see the report for
+    what that means)."""
     return {
         "demo_data": DemoConfig(num_defective=48, num_free=16),
         "prior": PriorConfig(vae_steps=160, unet_steps=360, vae_batch_size=8, unet_batch_size=16, num_samples=16),

@@ -51,7 +51,7 @@ DONE = "DONE"
 # Class-specific layers, re-initialised when an init file was trained for another class count.
 CLASS_SPECIFIC = ("roi_heads.box_predictor.cls_score.", "roi_heads.box_predictor.bbox_pred.",
                   "roi_heads.mask_predictor.mask_fcn_logits.")
-# FPN backbones: torchvision's Mask R-CNN uses resnet50 (the paper's model); the smaller ResNets
+# FPN backbones: torchvision's Mask R-CNN uses resnet50 (the real run's default); the smaller ResNets
 # make the same MaskRCNN class that learns in minutes on a CPU (the demo).
 BACKBONES = ("resnet50", "resnet34", "resnet18")
 
