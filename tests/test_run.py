@@ -257,6 +257,33 @@ def test_flags_config_file_and_modes(tmp_path):
     assert names["concept_small"].config.class_dir == str(tmp_path / "d" / "concept" / "class_images")
 
 
+def test_split_stage_with_your_own_test_set(tmp_path):
+    """--test: the annotated set is split into train / val only, images also in the test set are
+    left out, and splits.json lists file names as the source COCO writes them."""
+    from data.coco import save_coco
+    from data.demo import make_demo_dataset
+    from defectsynth.splits import SplitConfig, make_splits
+
+    make_demo_dataset(DemoConfig(out=str(tmp_path / "d"), size=64, num_defective=12, num_free=3), progress=False)
+    data = load_coco(tmp_path / "d" / "annotations.json", check_images=False, progress=False)
+    first = {image["id"] for image in data["images"][:3]}
+    test = {**data, "images": data["images"][:3], "annotations": [a for a in data["annotations"] if a["image_id"] in first]}
+    save_coco(test, tmp_path / "test.json")
+    cfg = SplitConfig(data=str(tmp_path / "d" / "annotations.json"), free=str(tmp_path / "d" / "free.json"),
+                      out=str(tmp_path / "splits"), listing=str(tmp_path / "splits.json"),
+                      test=str(tmp_path / "test.json"), diversity_conditions=2)
+    listing = make_splits(cfg)
+    test_names = {Path(i["file_name"]).name for i in test["images"]}
+    assert listing["info"]["excluded_as_in_test"] == 3 and listing["info"]["sizes"]["test"] == 3
+    assert {Path(n).name for n in listing["test"]} == test_names
+    for name in ("train", "val", "train_small"):
+        assert not names_of(tmp_path / "splits" / f"{name}.json") & test_names, name
+    assert listing["info"]["sizes"]["train"] + listing["info"]["sizes"]["val"] == 9
+    raw = json.loads((tmp_path / "d" / "annotations.json").read_text())
+    assert set(listing["train"]) <= {im["file_name"] for im in raw["images"]}  # as the source COCO names them
+    assert len(json.loads((tmp_path / "splits" / "free_diversity.json").read_text())["images"]) == 2
+
+
 def test_threads_auto():
     assert run.pick_threads(3) == 3
     assert 1 <= run.pick_threads(0) <= (__import__("os").cpu_count() or 1)
