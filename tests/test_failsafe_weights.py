@@ -12,7 +12,8 @@ from sample.generate import cli as generate_cli
 from weights import save_ldm
 from weights.convert import cli as convert_cli
 from weights.inspect import cli as inspect_cli
-from weights.load import count_non_finite, inspect_checkpoint, load_pipeline
+from weights.checks import count_non_finite
+from weights.load import inspect_checkpoint, load_pipeline
 
 UNET = "model.diffusion_model."
 
