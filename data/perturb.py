@@ -9,7 +9,7 @@ up to `max_tries` times. All randomness comes from the `rng` the caller passes i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import cv2

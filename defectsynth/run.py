@@ -131,7 +131,7 @@ class RunFlags:
         "help": "your own held-out test COCO json (default: split off --data, see --split)"})
     split: tuple[float, ...] = field(default=(0.8, 0.1, 0.1), metadata={
         "help": "train / val / test fractions of the annotated set, split by image, seeded, stratified by class "
-                "before anything trains (equal val / test halves as the paper's section 5.1; the 0.8 is ours)"})
+                "before anything trains (equal val / test halves following the paper's section 5.1; the 0.8 is ours)"})
     small_fraction: float = field(default=0.1, metadata={
         "help": "the small regime's share of train (paper: 10%%, Tables 2 and 4): ceil(f x train) images, every class"})
     tables: tuple[str, ...] = field(default=TABLES, metadata={
@@ -270,7 +270,7 @@ def plan(cfg: RunConfig) -> list[Stage]:
     if not cfg.ckpt:
         caption = cfg.concept.prompt_template.format(cfg.concept.class_noun)  # the prior knows the class prompt
         prior = replace(cfg.prior, data=str(prior_source), out=str(folder["prior"]), resolution=cfg.resolution,
-                        caption=caption, eval_data=str(annotated), seed=cfg.seed, device=device,
+                        caption=caption, eval_data=str(splits["test"]), seed=cfg.seed, device=device,
                         resume="latest")
         stages.append(Stage("prior", folder["prior"], prior, _call("train.prior", prior),
                             [folder["prior"] / "prior.safetensors"]))

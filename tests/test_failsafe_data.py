@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sample.generate as generate_module
-from data.coco import CocoError, load_coco, validate_coco
+from data.coco import CocoError, validate_coco
 from data.importers import ImportConfig, main as import_main
 from defectsynth.cli import main as defectsynth
 from sample.generate import GenerateConfig, main as generate_main

@@ -21,7 +21,7 @@ from model.stable_diffusion import StableDiffusion, preset
 from sample.pipeline import random_pipeline
 from train import concept, condition
 from train.monitor import MetricsLog, window_mean
-from weights import load_control, load_pipeline, save_control, save_diffusers, save_ldm
+from weights import load_control, load_pipeline, save_control, save_ldm
 from weights.convert import ConvertConfig, main as convert
 
 pytestmark = pytest.mark.usefixtures("one_thread")
