@@ -95,6 +95,49 @@ def _check_segmentation(segm: Any, height: int, width: int, where: str) -> dict:
 BBOX_SLACK = 0.5  # pixels a given bbox may reach beyond the image border
 
 
+def _check_annotation(ann: dict, images: dict[int, dict], categories: dict[int, str], source: str) -> None:
+    """Check one annotation record against its image and the categories, and fill in `bbox`,
+    `area` and `iscrowd` where missing (in place). Raises `CocoError` naming the record."""
+    img = images.get(ann.get("image_id"))
+    where = f"{source}: annotation id={ann['id']}"
+    if img is None:
+        raise CocoError(f"{where}: unknown image_id {ann.get('image_id')!r}")
+    where += f" (image id={img['id']}, file {img['file_name']})"
+    if ann.get("category_id") not in categories:
+        raise CocoError(f"{where}: unknown category_id {ann.get('category_id')!r}; "
+                        f"known ids {sorted(categories)}")
+    if "segmentation" not in ann:
+        raise CocoError(f"{where}: missing segmentation")
+    rle = _check_segmentation(ann["segmentation"], img["height"], img["width"], where)
+    if "bbox" in ann:
+        box = ann["bbox"]
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+            raise CocoError(f"{where}: bbox must be [x, y, w, h], got {box!r}")
+        if box[2] <= 0 or box[3] <= 0:
+            raise CocoError(f"{where}: zero-area bbox {box} (width and height must be > 0)")
+        # Half a pixel of slack: polygon boxes along pixel edges may end on the border itself.
+        if box[0] < -BBOX_SLACK or box[1] < -BBOX_SLACK or box[0] + box[2] > img["width"] + BBOX_SLACK \
+                or box[1] + box[3] > img["height"] + BBOX_SLACK:
+            raise CocoError(f"{where}: bbox {box} lies outside the {img['width']}x{img['height']} (w x h) "
+                            f"image; fix the record or drop 'bbox' to have it computed from the mask")
+    else:
+        ann["bbox"] = rle_bbox(rle)
+    if "area" in ann:
+        if not isinstance(ann["area"], (int, float)) or not ann["area"] > 0:
+            raise CocoError(f"{where}: area must be a number > 0, got {ann['area']!r}; fix the record "
+                            f"or drop 'area' to have it computed from the mask")
+    else:
+        ann["area"] = float(rle_area(rle))
+    # Every annotation is one instance here; COCO's crowd regions (iscrowd=1, ignored by
+    # COCOeval, one blob of many objects) have no meaning for the generator or the segmentor.
+    iscrowd = ann.setdefault("iscrowd", 0)
+    if iscrowd not in (0, 1, False, True):
+        raise CocoError(f"{where}: iscrowd must be 0 or 1, got {iscrowd!r}")
+    if iscrowd:
+        raise CocoError(f"{where}: iscrowd=1 (a crowd region) is not supported: defectsynth treats every "
+                        f"annotation as one instance; split the region into instances or remove it")
+
+
 def validate_coco(data: Coco, source: str = "<coco>", image_root: str | os.PathLike | None = None,
                   check_images: bool = True, progress: bool = False) -> Coco:
     """Check `data` and return a copy with absolute file names and `area`, `bbox`, `iscrowd`
@@ -148,44 +191,7 @@ def validate_coco(data: Coco, source: str = "<coco>", image_root: str | os.PathL
         images[img["id"]] = img
 
     for ann in data["annotations"]:
-        img = images.get(ann.get("image_id"))
-        where = f"{source}: annotation id={ann['id']}"
-        if img is None:
-            raise CocoError(f"{where}: unknown image_id {ann.get('image_id')!r}")
-        where += f" (image id={img['id']}, file {img['file_name']})"
-        if ann.get("category_id") not in categories:
-            raise CocoError(f"{where}: unknown category_id {ann.get('category_id')!r}; "
-                            f"known ids {sorted(categories)}")
-        if "segmentation" not in ann:
-            raise CocoError(f"{where}: missing segmentation")
-        rle = _check_segmentation(ann["segmentation"], img["height"], img["width"], where)
-        if "bbox" in ann:
-            box = ann["bbox"]
-            if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
-                raise CocoError(f"{where}: bbox must be [x, y, w, h], got {box!r}")
-            if box[2] <= 0 or box[3] <= 0:
-                raise CocoError(f"{where}: zero-area bbox {box} (width and height must be > 0)")
-            # Half a pixel of slack: polygon boxes along pixel edges may end on the border itself.
-            if box[0] < -BBOX_SLACK or box[1] < -BBOX_SLACK or box[0] + box[2] > img["width"] + BBOX_SLACK \
-                    or box[1] + box[3] > img["height"] + BBOX_SLACK:
-                raise CocoError(f"{where}: bbox {box} lies outside the {img['width']}x{img['height']} (w x h) "
-                                f"image; fix the record or drop 'bbox' to have it computed from the mask")
-        else:
-            ann["bbox"] = rle_bbox(rle)
-        if "area" in ann:
-            if not isinstance(ann["area"], (int, float)) or not ann["area"] > 0:
-                raise CocoError(f"{where}: area must be a number > 0, got {ann['area']!r}; fix the record "
-                                f"or drop 'area' to have it computed from the mask")
-        else:
-            ann["area"] = float(rle_area(rle))
-        # Every annotation is one instance here; COCO's crowd regions (iscrowd=1, ignored by
-        # COCOeval, one blob of many objects) have no meaning for the generator or the segmentor.
-        iscrowd = ann.setdefault("iscrowd", 0)
-        if iscrowd not in (0, 1, False, True):
-            raise CocoError(f"{where}: iscrowd must be 0 or 1, got {iscrowd!r}")
-        if iscrowd:
-            raise CocoError(f"{where}: iscrowd=1 (a crowd region) is not supported: defectsynth treats every "
-                            f"annotation as one instance; split the region into instances or remove it")
+        _check_annotation(ann, images, categories, source)
     return data
 
 

@@ -16,7 +16,8 @@ Matching rule (`match_instances`), per image:
    candidate;
 3. greedy by IoU: the candidate with the highest IoU is matched (ties: higher score, then lower
    indices), its ground truth and prediction are removed, repeat until no candidate is left.
-Then: mean IoU averages the matched pairs only (as the paper's "IoU of matched instances");
+Then: mean IoU averages the matched pairs only (our reading of the IoU column of the paper's
+Tables 1 and 2; this matching rule is ours);
 mean normalised Hausdorff averages over ALL ground-truth instances, an unmatched one counting 1.0
 (the worst possible value), so missing an instance is penalised.
 """

@@ -33,26 +33,35 @@ from defectsynth.benchmark import (DTYPES, Benchmarks, SpeedConfig, benchmark_pa
 UNET_VARIANTS: dict[str, str] = {"unet": "sd15", "unet-tiny": "tiny"}
 
 
+def twin_unets(unet_config, latent: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(diffusers' UNet2DConditionModel, ours) with the same random weights: diffusers builds and
+    saves its model (the config.json values of `unet_config`), our loader reads that folder back."""
+    from diffusers import UNet2DConditionModel
+
+    from weights import load_unet
+    from weights.configs import unet_config_to_diffusers
+
+    reference = UNet2DConditionModel(**{k: v for k, v in unet_config_to_diffusers(unet_config, latent).items()
+                                        if not k.startswith("_")}).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        reference.save_pretrained(folder)
+        ours = load_unet(folder).eval()
+    return reference, ours
+
+
 def bench_unet(cfg: SpeedConfig, name: str = "unet") -> dict:
     """One UNet forward (random weights, 77-token context): ours vs diffusers'
     UNet2DConditionModel with the same weights (saved by diffusers, loaded by our loader).
     unet: SD 1.5; unet-tiny: the tiny preset (a parity and smoke check that runs in seconds on a CPU)."""
-    from diffusers import UNet2DConditionModel
 
     from model.stable_diffusion import preset
-    from weights import load_unet
-    from weights.configs import unet_config_to_diffusers
 
     dtype, device = DTYPES[cfg.dtype], torch.device(cfg.device)
     preset_name = UNET_VARIANTS[name]
     unet_config = preset(preset_name).unet
     torch.manual_seed(cfg.seed)
     # The diffusers config.json of the preset (for sd15: SD 1.5's unet/config.json values).
-    reference = UNet2DConditionModel(**{k: v for k, v in unet_config_to_diffusers(unet_config, cfg.latent).items()
-                                        if not k.startswith("_")}).eval()
-    with tempfile.TemporaryDirectory() as folder:
-        reference.save_pretrained(folder)
-        ours = load_unet(folder).eval()
+    reference, ours = twin_unets(unet_config, cfg.latent)
     if ours.config != unet_config:
         raise RuntimeError(f"eval.speed {name}: the loaded UNet is not {preset_name}: {ours.config}")
     if (device.type, dtype) != ("cpu", torch.float32):  # diffusers warns on any .to(dtype)
@@ -95,19 +104,12 @@ def bench_unet_dtypes(cfg: SpeedConfig) -> dict:
         python -m eval.speed unet-dtypes --batch 4 --latent 16 --repeats 5 --clock process"""
     import copy
 
-    from diffusers import UNet2DConditionModel
 
-    from weights import load_unet
-    from weights.configs import unet_config_to_diffusers
 
     device = torch.device(cfg.device)
     unet_config = small_unet_config()
     torch.manual_seed(cfg.seed)
-    reference = UNet2DConditionModel(**{k: v for k, v in unet_config_to_diffusers(unet_config, cfg.latent).items()
-                                        if not k.startswith("_")}).eval()
-    with tempfile.TemporaryDirectory() as folder:
-        reference.save_pretrained(folder)
-        ours = load_unet(folder).eval()
+    reference, ours = twin_unets(unet_config, cfg.latent)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     x = torch.randn(cfg.batch, 4, cfg.latent, cfg.latent, generator=g).to(device)
     t = torch.full((cfg.batch,), 500, device=device)
