@@ -513,6 +513,36 @@ def train_unet(model: StableDiffusion, latents: tuple[torch.Tensor, torch.Tensor
 
 # --------------------------------------------------------------------------------------- main
 
+def measure_vae(model: StableDiffusion, vae: nn.Module, images: torch.Tensor, cfg: PriorConfig,
+                device: torch.device, out: Path) -> tuple[dict, dict, dict | None, torch.Tensor, float]:
+    """After the VAE phase: reconstruction PSNR (training images and --eval-data, each against a flat
+    mean-colour image), reconstructions.png, the latents of every training image and their std,
+    which sets the model's latent scale (LDM's scale_by_std), and the VAE adherence ceiling.
+    Returns (psnr, flat psnr, ceiling or None, latents, latent std)."""
+    check = images[:32]
+    recon = reconstruct(vae, check, device)
+    scores, flat = {"train": psnr(check, recon)}, {"train": psnr(check, flat_images(check))}
+    rows = [check[:8].float() / 127.5 - 1, recon[:8]]
+    if cfg.eval_data:
+        extra = load_images(image_paths(cfg.eval_data)[:32], cfg.resolution)
+        extra_recon = reconstruct(vae, extra, device)
+        scores["eval"], flat["eval"] = psnr(extra, extra_recon), psnr(extra, flat_images(extra))
+        rows += [extra[:8].float() / 127.5 - 1, extra_recon[:8]]
+    save_image_grid(torch.cat(rows), out / "reconstructions.png", nrow=8)
+    latents = encode_images(vae, images, device)
+    latent_std = float(latents[0].double().std())
+    with_latent_scale(model, 1.0 / latent_std)
+    print(f"train.prior: VAE reconstruction PSNR {', '.join(f'{k} {v:.2f} dB' for k, v in scores.items())} "
+          f"(mean-colour images: {', '.join(f'{k} {v:.2f} dB' for k, v in flat.items())}); "
+          f"latent std {latent_std:.4f} -> scaling factor {model.latent_scale:.5f}")
+    ceiling = vae_adherence(vae, cfg.eval_data, cfg.resolution, device) if cfg.eval_data else None
+    if ceiling is not None:
+        print(f"train.prior: condition adherence of the VAE's reconstructions of {ceiling['images']} --eval-data "
+              f"images {ceiling['reconstructions']:.3f} (the originals {ceiling['originals']:.3f}): the ceiling "
+              f"of every generated image's adherence")
+    return scores, flat, ceiling, latents, latent_std
+
+
 def main(cfg: PriorConfig) -> PriorResult:
     device = pick_device(cfg.device)
     info = DistInfo(device=device)  # one process: the shared checkpoint helpers take a DistInfo
@@ -552,28 +582,7 @@ def main(cfg: PriorConfig) -> PriorResult:
         model.vae.load_state_dict(strip_prefix(weights, "vae."), strict=True)
     vae = model.vae.to(device).requires_grad_(False).eval()
 
-    # Reconstruction quality and the latent scale (LDM's scale_by_std).
-    check = images[:32]
-    recon = reconstruct(vae, check, device)
-    scores, flat = {"train": psnr(check, recon)}, {"train": psnr(check, flat_images(check))}
-    rows = [check[:8].float() / 127.5 - 1, recon[:8]]
-    if cfg.eval_data:
-        extra = load_images(image_paths(cfg.eval_data)[:32], cfg.resolution)
-        extra_recon = reconstruct(vae, extra, device)
-        scores["eval"], flat["eval"] = psnr(extra, extra_recon), psnr(extra, flat_images(extra))
-        rows += [extra[:8].float() / 127.5 - 1, extra_recon[:8]]
-    save_image_grid(torch.cat(rows), out / "reconstructions.png", nrow=8)
-    latents = encode_images(vae, images, device)
-    latent_std = float(latents[0].double().std())
-    with_latent_scale(model, 1.0 / latent_std)
-    print(f"train.prior: VAE reconstruction PSNR {', '.join(f'{k} {v:.2f} dB' for k, v in scores.items())} "
-          f"(mean-colour images: {', '.join(f'{k} {v:.2f} dB' for k, v in flat.items())}); "
-          f"latent std {latent_std:.4f} -> scaling factor {model.latent_scale:.5f}")
-    ceiling = vae_adherence(vae, cfg.eval_data, cfg.resolution, device) if cfg.eval_data else None
-    if ceiling is not None:
-        print(f"train.prior: condition adherence of the VAE's reconstructions of {ceiling['images']} --eval-data "
-              f"images {ceiling['reconstructions']:.3f} (the originals {ceiling['originals']:.3f}): the ceiling "
-              f"of every generated image's adherence")
+    scores, flat, ceiling, latents, latent_std = measure_vae(model, vae, images, cfg, device, out)
 
     # Phase 2: the text-to-image UNet on the cached latents.
     unet_history, stopped, ema = train_unet(model, latents, cfg, info)
